@@ -1,0 +1,56 @@
+"""The new mount API (open_tree, move_mount), umount2 and namespace calls."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from hsmfs.linux import check, libc
+
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl); glibc 2.36 has no wrappers
+NR_open_tree = 428
+NR_move_mount = 429
+
+# include/uapi/linux/mount.h
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+
+# include/linux/fs.h (umount2 flags)
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+CLONE_NEWNS = 0x00020000
+
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached clone of the mount at path (an O_PATH fd to its root)."""
+    return check(
+        libc.syscall(NR_open_tree, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
+                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
+        "open_tree",
+    )
+
+
+def move_mount(from_fd: int, to_path: str) -> None:
+    """Attach the detached mount from_fd at to_path (in the caller's mount namespace)."""
+    check(
+        libc.syscall(NR_move_mount, ctypes.c_int(from_fd), ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
+                     ctypes.c_char_p(os.fsencode(to_path)), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+        "move_mount",
+    )
+
+
+def umount(path: str, *, lazy: bool = False) -> None:
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    check(libc.umount2(os.fsencode(path), flags), "umount2")
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNS) -> None:
+    """setns(2). CLONE_NEWNS needs a single-threaded caller (EINVAL otherwise)."""
+    check(libc.setns(fd, nstype), "setns")
