@@ -1,0 +1,228 @@
+"""The policy file: TOML in, a frozen and validated :class:`Policy` out.
+
+The file holds flat top-level keys only (docs/config.md documents each one)::
+
+    workers = 4
+    commit_interval = 0.5
+    source_error = "EIO"
+    log_level = "info"
+    fill_timeout = 60.0
+
+Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
+saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    # mypy checks this branch (python_version = 3.9) even where only tomllib is installed
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+from hsmfs.errors import ConfigError
+
+# The kernel takes only EPERM, EIO, EAGAIN, EBUSY, ETXTBSY, ENOSPC and EDQUOT in a fanotify response
+# (fs/notify/fanotify/fanotify_user.c, fanotify_is_valid_errno). ETXTBSY, ENOSPC and EDQUOT would tell
+# a reader something false about its own file, so they are not offered.
+SOURCE_ERRORS: dict[str, int] = {
+    "EIO": errno.EIO,
+    "EAGAIN": errno.EAGAIN,
+    "EPERM": errno.EPERM,
+    "EBUSY": errno.EBUSY,
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 256
+MAX_COMMIT_INTERVAL = 60.0
+
+
+class _Invalid(Exception):
+    """A value is wrong; the message says what was expected."""
+
+
+def _describe(value: object) -> str:
+    """A value as the user wrote it in TOML, for "got ..." in messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"  # date, time, datetime
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(json.dumps(c) for c in choices)
+
+
+def _check_workers(value: object) -> int:
+    # bool is an int subclass: `workers = true` is a mistake, not 1
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise _Invalid(f"expected an integer from 1 to {MAX_WORKERS}")
+
+
+def _seconds(value: object) -> Optional[float]:
+    """value as float seconds if it is a finite TOML integer or float, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except OverflowError:
+            return None
+        if math.isfinite(f):
+            return f
+    return None
+
+
+def _check_commit_interval(value: object) -> float:
+    f = _seconds(value)
+    if f is not None and 0 < f <= MAX_COMMIT_INTERVAL:
+        return f
+    raise _Invalid(f"expected a number of seconds greater than 0 and at most {MAX_COMMIT_INTERVAL:g}")
+
+
+def _check_fill_timeout(value: object) -> float:
+    f = _seconds(value)
+    if f is not None and f > 0:
+        return f
+    raise _Invalid("expected a finite number of seconds greater than 0")
+
+
+def _check_source_error(value: object) -> str:
+    if isinstance(value, str) and value in SOURCE_ERRORS:
+        return value
+    raise _Invalid("expected " + _one_of(tuple(SOURCE_ERRORS)))
+
+
+def _check_log_level(value: object) -> str:
+    if isinstance(value, str) and value in LOG_LEVELS:
+        return value
+    raise _Invalid("expected " + _one_of(LOG_LEVELS))
+
+
+_CHECKS: dict[str, Callable[[object], Any]] = {
+    "workers": _check_workers,
+    "commit_interval": _check_commit_interval,
+    "source_error": _check_source_error,
+    "log_level": _check_log_level,
+    "fill_timeout": _check_fill_timeout,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one hsmfs mount's filler behaves. Field meanings, ranges and defaults: docs/config.md.
+
+    Constructing one validates it (``Policy(workers=0)`` raises :class:`ConfigError`), so a
+    Policy in hand is always a valid one, whether it came from a file or from code.
+    """
+
+    workers: int = 4
+    commit_interval: float = 0.5
+    source_error: str = "EIO"
+    log_level: str = "info"
+    fill_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                checked = _CHECKS[f.name](value)
+            except _Invalid as e:
+                raise ConfigError(f"{f.name}: {e}, got {_describe(value)}") from None
+            object.__setattr__(self, f.name, checked)  # 1 -> 1.0 for float fields
+
+    @property
+    def source_errno(self) -> int:
+        """source_error as an errno number, for the fanotify response."""
+        return SOURCE_ERRORS[self.source_error]
+
+
+KEYS = tuple(sorted(f.name for f in fields(Policy)))
+
+_TABLE_HEADER = re.compile(r"^\s*\[")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
+_TOML_AT_END = re.compile(r"\s*\(at end of document\)")
+
+
+def _key_line(text: str, key: str) -> Optional[int]:
+    """The 1-based line where top-level key is set, or None if it cannot be found simply."""
+    name = "(?:" + "|".join(re.escape(k) for k in (key, f'"{key}"', f"'{key}'")) + ")"
+    assignment = re.compile(rf"^\s*{name}\s*[=.]")  # `key = ...` or dotted `key.sub = ...`
+    table = re.compile(rf"^\s*\[\[?\s*{name}\s*[\].]")  # `[key]`, `[[key]]`, `[key.sub]`
+    in_root = True  # top-level keys all come before the first table header
+    for number, line in enumerate(text.splitlines(), start=1):
+        if _TABLE_HEADER.match(line):
+            in_root = False
+            if table.match(line):
+                return number
+        elif in_root and assignment.match(line):
+            return number
+    return None
+
+
+def load_policy(path: Optional[str]) -> Policy:
+    """Read and validate the policy file at path; None means all defaults.
+
+    >>> load_policy(None) == Policy()
+    True
+
+    Raises :class:`ConfigError` (exit code 78) for a missing or unreadable file, bad TOML, an
+    unknown key or a bad value; the message is ``FILE:LINE: KEY: what is wrong``.
+    """
+    if path is None:
+        return Policy()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read policy file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad_line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{bad_line}: invalid TOML: not UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib and tomli end their messages with "(at line N, column M)" or "(at end of document)"
+        message = str(e)
+        m = _TOML_POSITION.search(message)
+        if m is not None:
+            message = message[: m.start()] + message[m.end() :]
+            raise ConfigError(f"{path}:{m.group(1)}:{m.group(2)}: invalid TOML: {message}") from None
+        m = _TOML_AT_END.search(message)
+        if m is not None:
+            message = message[: m.start()] + " at end of file" + message[m.end() :]
+            raise ConfigError(f"{path}:{max(1, len(text.splitlines()))}: invalid TOML: {message}") from None
+        raise ConfigError(f"{path}: invalid TOML: {message}") from None
+
+    problems: list[tuple[int, str]] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        line = _key_line(text, key)
+        where = f"{path}:{line}" if line is not None else path
+        check = _CHECKS.get(key)
+        if check is None:
+            problems.append((line or 0, f"{where}: {key}: unknown key (known: {', '.join(KEYS)})"))
+            continue
+        try:
+            values[key] = check(value)
+        except _Invalid as e:
+            problems.append((line or 0, f"{where}: {key}: {e}, got {_describe(value)}"))
+    if problems:
+        # every mistake at once, in file order, one per line
+        raise ConfigError("\n".join(message for _, message in sorted(problems)))
+    return Policy(**values)
