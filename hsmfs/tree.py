@@ -1,19 +1,24 @@
 """The on-disk stub format.
 
-Every regular file that came from the source carries one extended attribute, ``trusted.hsmfs.stub``
-(``trusted.*`` so only root can read or change it), whose value is a JSON object:
+Every regular file that came from the source carries one extended attribute, ``trusted.hsmfs``
+(``trusted.*``: only root can read or change it), 34 bytes, little-endian (``struct "<BBQqqQ"``):
 
-====================  =============================================================================
-key                   meaning
-====================  =============================================================================
-``v``                 schema version, an integer; this module writes and reads version ``1``
-``src``               path of the source object relative to the source root (``str``, no ``..``)
-``size``              the source's size in bytes when the stub was made
-``mtime_ns``          the source's mtime in nanoseconds (restored after every fill)
-``atime_ns``          the source's atime in nanoseconds (restored after every fill)
-``state``             ``"stub"`` (no data yet), ``"resident"`` (all data, committed durably) or
-                      ``"dirty"`` (a user changed the file: never refetched, never evicted)
-====================  =============================================================================
+=========  =====  ===============================================================================
+field      bytes  meaning
+=========  =====  ===============================================================================
+version    1      schema version; this module writes and reads ``1``
+state      1      0 ``stub`` (no data yet), 1 ``resident`` (all data, committed durably),
+                  2 ``dirty`` (a user changed the file: never refetched, never evicted)
+size       8      the source's size in bytes when the stub was made
+mtime_ns   8      the source's mtime in nanoseconds (restored after every fill)
+atime_ns   8      the source's atime in nanoseconds (restored after every fill)
+path_id    8      offset of the source path in ``STORE/paths`` (see :class:`PathTable`)
+=========  =====  ===============================================================================
+
+It is this small so that ext4 keeps it inside the inode (a 256-byte inode has about 90 bytes for
+xattrs): a stub then has no block at all, and the stub tree costs inodes and directories only.
+The source path lives in the append-only ``STORE/paths`` file: the path of the source object
+relative to the source root, UTF-8 with surrogateescape, NUL-terminated, at offset ``path_id``.
 
 The record is written only under the rules of design.md: "resident" only once the data is durable.
 What a user sees as the state of a file (:func:`file_state`) also looks at the inode: a stub or
@@ -25,6 +30,7 @@ Files, directories, symlinks and special files without a record were made by use
 A store directory holds one tree::
 
     STORE/hsmfs.json   store record: schema, name, source, populate progress (see Store)
+    STORE/paths        source paths of the stubs (see PathTable)
     STORE/tree/        the stub tree; views are clones of this directory's mount
 """
 
@@ -32,49 +38,43 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Optional
+import struct
+import threading
+from dataclasses import dataclass, replace
+from typing import Optional
 
-XATTR = "trusted.hsmfs.stub"
+XATTR = "trusted.hsmfs"
 SCHEMA = 1
 STATES = ("stub", "resident", "dirty")
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
+_RECORD = struct.Struct("<BBQqqQ")
 
 
 class RecordError(ValueError):
-    """A trusted.hsmfs.stub value that this version cannot read."""
+    """A trusted.hsmfs value that this version cannot read."""
 
 
 @dataclass(frozen=True)
 class Record:
-    src: str
+    path_id: int
     size: int
     mtime_ns: int
     atime_ns: int
     state: str = "stub"
 
     def encode(self) -> bytes:
-        d: dict[str, Any] = {"v": SCHEMA}
-        d.update(asdict(self))
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _RECORD.pack(SCHEMA, STATES.index(self.state), self.size, self.mtime_ns, self.atime_ns,
+                            self.path_id)
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
-        try:
-            d = json.loads(raw)
-        except ValueError as e:
-            raise RecordError(f"stub record is not JSON: {e}") from None
-        if not isinstance(d, dict) or d.get("v") != SCHEMA:
-            raise RecordError(f"stub record schema {d.get('v') if isinstance(d, dict) else '?'} "
-                              f"is not {SCHEMA}")
-        try:
-            rec = cls(src=str(d["src"]), size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
-                      atime_ns=int(d["atime_ns"]), state=str(d["state"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise RecordError(f"stub record field missing or bad: {e}") from None
-        if rec.state not in STATES:
-            raise RecordError(f"stub record state {rec.state!r} unknown")
-        return rec
+        if len(raw) != _RECORD.size or raw[0] != SCHEMA:
+            raise RecordError(f"stub record of {len(raw)} bytes, schema {raw[0] if raw else '?'}: "
+                              f"this hsmfs reads schema {SCHEMA} ({_RECORD.size} bytes)")
+        _v, state, size, mtime_ns, atime_ns, path_id = _RECORD.unpack(raw)
+        if state >= len(STATES):
+            raise RecordError(f"stub record state {state} unknown")
+        return cls(path_id=path_id, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns, state=STATES[state])
 
     def with_state(self, state: str) -> Record:
         return replace(self, state=state)
@@ -96,6 +96,48 @@ def read_record(fd_or_path: int | str) -> Optional[Record]:
 
 def write_record(fd: int, rec: Record) -> None:
     os.setxattr(fd, XATTR, rec.encode())
+
+
+class PathTable:
+    """STORE/paths: append-only source paths, each NUL-terminated, addressed by byte offset.
+
+    Populate appends a file's path before the stub that names it exists, and syncs the table
+    before it renames a batch of stubs into place, so no durable record points past its end.
+    """
+
+    def __init__(self, store_path: str, *, writable: bool = False) -> None:
+        self.path = os.path.join(store_path, "paths")
+        flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if writable else os.O_RDONLY
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        self._end = os.fstat(self.fd).st_size
+        self._lock = threading.Lock()
+
+    def add(self, rel: str) -> int:
+        data = os.fsencode(rel) + b"\0"
+        with self._lock:
+            off = self._end
+            os.write(self.fd, data)
+            self._end += len(data)
+        return off
+
+    def get(self, off: int) -> str:
+        chunks = []
+        while True:
+            chunk = os.pread(self.fd, 4096, off)
+            if not chunk:
+                raise RecordError(f"source path at {off} is past the end of {self.path}")
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                chunks.append(chunk[:nul])
+                return os.fsdecode(b"".join(chunks))
+            chunks.append(chunk)
+            off += len(chunk)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def file_state(rec: Optional[Record], st: os.stat_result) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -75,3 +80,93 @@ def loopfs(request: pytest.FixtureRequest, loopfs_all: dict[str, LoopFS], loopfs
     if fstype not in loopfs_all:
         loopfs_all[fstype] = LoopFS(fstype, loopfs_base)
     return loopfs_all[fstype]
+
+
+def hsmfs(*args: str, check: bool = True, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the hsmfs CLI as users do, in a child process."""
+    r = subprocess.run([sys.executable, "-m", "hsmfs", *args], capture_output=True, text=True,
+                       timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and r.returncode != 0:
+        raise AssertionError(f"hsmfs {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r  # type: ignore[no-any-return]
+
+
+class View:
+    """A live hsmfs mount of a source on a loop filesystem (source and store on the same fs)."""
+
+    def __init__(self, fs: LoopFS, source: str, name: str, *extra: str) -> None:
+        self.fs = fs
+        self.source = source
+        self.name = name
+        self.store = os.path.join(fs.mnt, "store-" + name)
+        self.target = tempfile.mkdtemp(prefix="view-", dir=fs.base)
+        self.extra = extra
+        self.mounted = False
+
+    def mount(self) -> subprocess.CompletedProcess[str]:
+        r = hsmfs("mount", "--name", self.name, "--store", self.store, *self.extra, self.source, self.target)
+        self.mounted = True
+        return r
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.target, rel)
+
+    def status(self) -> dict[str, Any]:
+        out: list[dict[str, Any]] = json.loads(hsmfs("status", "--json", self.name).stdout)
+        return out[0]
+
+    @property
+    def log(self) -> str:
+        with open(f"/var/log/hsmfs/{self.name}.log") as f:
+            return f.read()
+
+    def close(self) -> None:
+        if self.mounted:
+            r = hsmfs("umount", self.target, check=False)
+            if r.returncode != 0:  # leave nothing behind even when a test broke the mount
+                rt = os.path.join("/run/hsmfs", self.name + ".json")
+                if os.path.exists(rt):
+                    with open(rt) as f:
+                        pid = json.load(f)["pid"]
+                    subprocess.run(["umount", "-l", self.target], check=False)
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                    _wait_gone(pid)
+                elif os.path.ismount(self.target):
+                    subprocess.run(["umount", "-l", self.target], check=False)
+            self.mounted = False
+        if os.path.isdir(self.target) and not os.path.ismount(self.target):
+            os.rmdir(self.target)
+        try:
+            os.unlink(f"/var/log/hsmfs/{self.name}.log")
+        except FileNotFoundError:
+            pass
+
+
+def _wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+_counter = [0]
+
+
+@pytest.fixture
+def make_view(loopfs: LoopFS) -> Iterator[Callable[..., View]]:
+    """make_view(source_dir, *extra_mount_args) -> a mounted View; all unmounted at teardown."""
+    views: list[View] = []
+
+    def make(source: str, *extra: str, mount: bool = True) -> View:
+        _counter[0] += 1
+        v = View(loopfs, source, f"t{os.getpid()}-{_counter[0]}", *extra)
+        views.append(v)
+        if mount:
+            v.mount()
+        return v
+
+    yield make
+    for v in views:
+        v.close()

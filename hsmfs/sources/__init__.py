@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-if sys.version_info >= (3, 8):
-    from typing import Protocol
+from typing import Protocol
 
 
 class Source(Protocol):
@@ -13,6 +10,10 @@ class Source(Protocol):
 
     def describe(self) -> str:
         """A human-readable name for logs ("/srv/data", "s3://bucket/prefix")."""
+        ...
+
+    def open(self, rel: str) -> int:
+        """A readable fd of the object rel (used to compare partially filled files)."""
         ...
 
     def fill(self, rel: str, dst_fd: int, size: int) -> None:

@@ -22,8 +22,12 @@ class LocalSource:
     def describe(self) -> str:
         return self.root
 
+    def open(self, rel: str) -> int:
+        """A read-only fd for the object rel, opened beneath the root without following symlinks."""
+        return open_beneath(self._rootfd, rel, os.O_RDONLY)
+
     def fill(self, rel: str, dst_fd: int, size: int) -> None:
-        fd = open_beneath(self._rootfd, rel, os.O_RDONLY)
+        fd = self.open(rel)
         try:
             actual = os.fstat(fd).st_size
             if actual != size:

@@ -1,0 +1,3 @@
+from hsmfs.cli import main
+
+main()

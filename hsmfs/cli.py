@@ -1,0 +1,391 @@
+"""The hsmfs command line (typer). Exceptions become exit codes here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import stat
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, Optional
+
+import typer
+
+from hsmfs import tree
+from hsmfs.control import RuntimeRecord, request, runtime_records
+from hsmfs.errors import (
+    Busy,
+    CannotCreate,
+    HsmfsError,
+    NotMounted,
+    NotPermitted,
+    SourceMissing,
+    Unavailable,
+    UsageError,
+)
+from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
+from hsmfs.policy import load_policy
+
+STORE_ROOT = "/var/lib/hsmfs"
+LOG_DIR = "/var/log/hsmfs"
+READY_TIMEOUT = 120.0
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Lazy views of a source tree: stubs filled on first access (fanotify pre-content).")
+_debug = False
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    global _debug
+    _debug = debug
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NotPermitted(f"{what} needs root (CAP_SYS_ADMIN for mounts and fanotify)",
+                           hint=f"run it as root: sudo hsmfs {what.split()[-1]} ...")
+
+
+def default_name(target: str) -> str:
+    """The mount name derived from the target path: /mnt/doc -> mnt-doc."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.abspath(target).strip("/").replace("/", "-"))
+    return name.lstrip(".") or "root"
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_kernel() -> None:
+    try:
+        fd = fan.init(fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC, os.O_RDWR | os.O_LARGEFILE)
+    except OSError as e:
+        raise Unavailable(f"this kernel ({os.uname().release}) cannot create fanotify pre-content groups: "
+                          f"{e.strerror}", hint="hsmfs needs Linux 6.14+ with "
+                          "CONFIG_FANOTIFY_ACCESS_PERMISSIONS=y; run 'hsmfs doctor'") from None
+    os.close(fd)
+
+
+def _find(target_or_name: str) -> RuntimeRecord:
+    recs = runtime_records()
+    path = os.path.realpath(target_or_name) if os.path.isabs(target_or_name) or os.sep in target_or_name \
+        or os.path.exists(target_or_name) else None
+    for rt in recs:
+        if rt.name == target_or_name or (path is not None and rt.target == path and rt.namespace is None):
+            return rt
+    raise NotMounted(f"no running hsmfs mount at or named {target_or_name}",
+                     hint="'hsmfs status' lists running mounts")
+
+
+@app.command()
+def mount(
+    source: str = typer.Argument(..., help="Directory whose files the view shows."),
+    target: str = typer.Argument(..., help="Existing directory where the view appears."),
+    name: Optional[str] = typer.Option(None, help="Mount name (default: from TARGET, /mnt/doc -> mnt-doc)."),
+    store: Optional[str] = typer.Option(None, help=f"Store directory (default: {STORE_ROOT}/NAME)."),
+    config: Optional[str] = typer.Option(None, help="Policy TOML file (docs/config.md)."),
+    namespace: Optional[str] = typer.Option(None, help="Attach the view in this mount namespace: PID or "
+                                            "namespace file (/proc/PID/ns/mnt)."),
+) -> None:
+    """Make TARGET a lazy view of SOURCE: stubs now, bytes on first access.
+
+    Builds the stub tree in the store if it is not there yet (resuming an interrupted build),
+    starts the filler in the background and returns once the view is live.
+    """
+    _need_root("hsmfs mount")
+    load_policy(config)  # a bad policy fails here, before anything changes
+    src = os.path.abspath(source)
+    if not os.path.isdir(src):
+        raise SourceMissing(f"source {src} is not a directory" if os.path.exists(src)
+                            else f"source {src} does not exist", hint="give an existing directory as SOURCE")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise SourceMissing(f"source {src} is not readable")
+    name = name or default_name(target)
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise UsageError(f"mount name {name!r} may only hold letters, digits, '.', '_' and '-'")
+    tgt = target
+    if namespace is None:
+        tgt = os.path.realpath(target)
+        if not os.path.exists(tgt):
+            raise CannotCreate(f"target {tgt} does not exist", hint=f"create it first: mkdir -p {tgt}")
+        if not os.path.isdir(tgt):
+            raise CannotCreate(f"target {tgt} is not a directory")
+        if os.path.ismount(tgt):
+            raise Busy(f"target {tgt} is already a mount point", hint=f"unmount it first: hsmfs umount {tgt}")
+    for rt in runtime_records():
+        if rt.name == name and rt.alive():
+            raise Busy(f"an hsmfs mount named {name} is already running (pid {rt.pid}, at {rt.target})",
+                       hint="choose another --name or 'hsmfs umount' it first")
+    store_dir = os.path.abspath(store or os.path.join(STORE_ROOT, name))
+    fstype = fs_type(_existing_ancestor(store_dir))
+    if fstype not in HSM_FILESYSTEMS:
+        raise Unavailable(f"store {store_dir} would be on {fstype}, which does not support fanotify "
+                          "pre-content marks", hint="put the store on ext4, xfs or btrfs: --store DIR")
+    if src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep):
+        raise UsageError(f"the store {store_dir} and the source {src} must not contain each other")
+    existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
+    if existing is not None and existing.source != src:
+        raise UsageError(f"store {store_dir} holds a tree of {existing.source}, not {src}",
+                         hint="use another --name or --store for a different source")
+    if existing is None and os.path.isdir(store_dir) and os.listdir(store_dir):
+        raise CannotCreate(f"store {store_dir} exists, is not empty and is not an hsmfs store",
+                           hint="give an empty or new directory as --store")
+    _check_kernel()
+
+    st = existing or tree.Store(path=store_dir, name=name, source=src)
+    if existing is None:
+        if store is None and not os.path.isdir(STORE_ROOT):
+            os.makedirs(STORE_ROOT, mode=0o700)  # the default store root is root's alone
+        os.makedirs(store_dir, mode=0o700, exist_ok=True)
+        os.chmod(store_dir, 0o700)
+        st.save()
+    if not st.populated:
+        _populate(src, st)
+    _start_daemon(st, tgt, namespace, config)
+
+
+def _populate(src: str, st: tree.Store) -> None:
+    from hsmfs.populate import populate
+
+    if not sys.stderr.isatty():
+        stats = populate(src, st)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("stubs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("populate", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            stats = populate(src, st, progress=progress)
+    print(f"stub tree of {src}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
+          f"({_size(stats.bytes)} in the source)", file=sys.stderr)
+
+
+def _start_daemon(st: tree.Store, target: str, namespace: Optional[str], config: Optional[str]) -> None:
+    os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
+    log_path = os.path.join(LOG_DIR, st.name + ".log")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    cmd = [sys.executable, "-m", "hsmfs.daemon", "--store", st.path, "--target", target,
+           "--ready-fd", str(w), "--log", log_path]
+    if namespace:
+        cmd += ["--namespace", namespace]
+    if config:
+        cmd += ["--config", os.path.abspath(config)]
+    with open(log_path, "ab") as logf:
+        os.chmod(log_path, 0o600)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                start_new_session=True, cwd="/")
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        if not select.select([ready], [], [], READY_TIMEOUT)[0]:
+            raise HsmfsError(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
+        line = ready.readline().decode().strip()
+    if line == "ready":
+        where = f"{target} (namespace {namespace})" if namespace else target
+        print(f"hsmfs: {st.source} is live at {where} (filler pid {proc.pid}, log {log_path})", file=sys.stderr)
+        return
+    proc.wait()
+    if line.startswith("error "):
+        _, code, msg = line.split(" ", 2)
+        err = HsmfsError(f"the filler could not start: {msg}", hint=f"see {log_path}")
+        err.exit_code = int(code)
+        raise err
+    raise HsmfsError(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_path}")
+
+
+@app.command()
+def umount(
+    target: str = typer.Argument(..., help="The view's directory, or the mount name."),
+    lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy; the filler serves "
+                              "the detached view until its last user is gone."),
+) -> None:
+    """Unmount a view and stop its filler."""
+    _need_root("hsmfs umount")
+    rt = _find(target)
+    reply = request(rt.name, {"op": "umount", "lazy": lazy})
+    if not reply.get("ok"):
+        if reply.get("errno") == 16:
+            holders = _holders(rt.target) if rt.namespace is None else []
+            who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
+            raise Busy(f"{rt.target} is busy: {who}", hint="stop those processes, or use --lazy")
+        raise HsmfsError(f"umount of {rt.target} failed: {reply.get('error')}")
+    deadline = time.monotonic() + 60
+    while rt.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"hsmfs: unmounted {rt.target}", file=sys.stderr)
+
+
+def _holders(path: str) -> list[str]:
+    """Processes with an fd, cwd, root or mapping under path (in this namespace)."""
+    out = []
+    prefix = path.rstrip("/") + "/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        links = []
+        try:
+            links = [os.readlink(f"/proc/{pid}/{x}") for x in ("cwd", "root")]
+            links += [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/maps") as f:
+                links += [line.split(maxsplit=5)[-1].strip() for line in f if "/" in line]
+        except OSError:
+            pass
+        if any(x == path or x.startswith(prefix) for x in links):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            out.append(f"{comm} (pid {pid})")
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def tree_summary(root: str) -> dict[str, dict[str, int]]:
+    """Files and bytes by state, from the store tree (records and allocated blocks)."""
+    files: Counter[str] = Counter()
+    size: Counter[str] = Counter()
+    resident: Counter[str] = Counter()
+    seen: set[int] = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            try:
+                s = os.lstat(p)
+                if not stat.S_ISREG(s.st_mode) or s.st_ino in seen:
+                    continue
+                seen.add(s.st_ino)
+                state = tree.file_state(tree.read_record(p), s)
+            except (OSError, tree.RecordError):
+                continue
+            files[state] += 1
+            size[state] += s.st_size
+            resident[state] += tree.resident_bytes(s)
+    return {st: {"files": files[st], "bytes": size[st], "resident_bytes": resident[st]}
+            for st in ("stub", "resident", "dirty", "local")}
+
+
+@app.command()
+def status(
+    name: Optional[str] = typer.Argument(None, help="Only this mount (name or target)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Running mounts: files and bytes by state, events served, fill latency."""
+    _need_root("hsmfs status")
+    recs = [_find(name)] if name else runtime_records()
+    out: list[dict[str, Any]] = []
+    for rt in recs:
+        d: dict[str, Any] = {"name": rt.name, "source": rt.source, "target": rt.target,
+                             "namespace": rt.namespace, "store": rt.store, "pid": rt.pid, "log": rt.log}
+        try:
+            reply = request(rt.name, {"op": "status"}, timeout=10)
+            d["running"] = bool(reply.get("ok"))
+            d["filler"] = reply.get("filler")
+        except OSError as e:
+            d["running"] = False
+            d["error"] = str(e)
+        d["states"] = tree_summary(os.path.join(rt.store, "tree"))
+        out.append(d)
+    if as_json:
+        print(json.dumps(out, indent=1))
+        return
+    if not out:
+        print("no hsmfs mounts are running")
+    for d in out:
+        where = d["target"] + (f" (namespace {d['namespace']})" if d["namespace"] else "")
+        print(f"{d['name']}: {d['source']} -> {where}  pid {d['pid']} "
+              f"{'running' if d['running'] else 'NOT RESPONDING'}")
+        for state, v in d["states"].items():
+            print(f"  {state:<9} {v['files']:>8} files  {_size(v['bytes']):>10}  "
+                  f"({_size(v['resident_bytes'])} on disk)")
+        f = d.get("filler")
+        if f:
+            lat = f["fill_latency_ms"]
+            print(f"  events {f['events']}, fills {f['fills']} ({_size(f['fill_bytes'])}), errors {f['fill_errors']}, "
+                  f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms, queue overflows {f['overflows']}")
+
+
+@app.command("stat")
+def stat_cmd(
+    files: list[str] = typer.Argument(..., help="Files in a view or a store."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """State of each file: stub, resident, dirty or local, and the bytes it holds on disk."""
+    rows = []
+    failed = False
+    tables: dict[str, tree.PathTable] = {}
+    views = [(rt.target.rstrip("/") + "/", rt.store) for rt in runtime_records() if rt.namespace is None]
+    for p in files:
+        try:
+            s = os.lstat(p)
+            rec = tree.read_record(p) if stat.S_ISREG(s.st_mode) else None
+            state = tree.file_state(rec, s) if stat.S_ISREG(s.st_mode) else "local"
+            src = None
+            real = os.path.realpath(p)
+            store = next((st for prefix, st in views if real.startswith(prefix)), None)
+            if rec is not None and store is not None:
+                if store not in tables:
+                    tables[store] = tree.PathTable(store)
+                src = tables[store].get(rec.path_id)
+            rows.append({"path": p, "state": state, "size": s.st_size, "resident_bytes": tree.resident_bytes(s),
+                         "source": src})
+        except (OSError, tree.RecordError) as e:
+            failed = True
+            print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+    for t in tables.values():
+        t.close()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['state']:<9} {r['size']:>12} {r['resident_bytes']:>12}  {r['path']}")
+    if failed:
+        raise typer.Exit(66)
+
+
+@app.command()
+def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.")) -> None:
+    """Check kernel, store filesystem and privileges; say what is missing and how to fix it."""
+    from hsmfs.doctor import format_checks, run_checks
+
+    checks = run_checks(store)
+    print(format_checks(checks))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(Unavailable.exit_code)
+
+
+def main() -> None:
+    try:
+        app()
+    except HsmfsError as e:
+        if _debug:
+            raise
+        print(f"hsmfs: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if _debug:
+            raise
+        print(f"hsmfs: error: {e}", file=sys.stderr)
+        sys.exit(71)  # EX_OSERR
+    except KeyboardInterrupt:
+        print("hsmfs: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,162 @@
+"""The filler's control socket, root only.
+
+Protocol (version 1): the client connects to ``/run/hsmfs/NAME.sock`` (AF_UNIX, SOCK_STREAM),
+sends one JSON object on one line, and reads one JSON object on one line back; then both close.
+
+Requests: ``{"op": "status"}`` and ``{"op": "umount", "lazy": false}``.
+Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``.
+Peers whose SO_PEERCRED uid is not 0 get ``{"ok": false, "error": "root only"}``.
+Runtime records ``/run/hsmfs/NAME.json`` name each running mount (see RuntimeRecord).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+RUN_DIR = "/run/hsmfs"
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class RuntimeRecord:
+    """/run/hsmfs/NAME.json: one running hsmfs mount."""
+
+    name: str
+    pid: int
+    store: str
+    source: str
+    target: str
+    namespace: Optional[str]
+    mnt_id: int
+    log: str
+
+    @property
+    def socket(self) -> str:
+        return socket_path(self.name)
+
+    def save(self) -> None:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        path = os.path.join(RUN_DIR, self.name + ".json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(asdict(self), f)
+        os.rename(path + ".tmp", path)
+
+    def remove(self) -> None:
+        for p in (os.path.join(RUN_DIR, self.name + ".json"), self.socket):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return b"hsmfs.daemon" in f.read()
+        except OSError:
+            return False
+
+
+def socket_path(name: str) -> str:
+    return os.path.join(RUN_DIR, name + ".sock")
+
+
+def runtime_records() -> list[RuntimeRecord]:
+    out = []
+    try:
+        names = sorted(os.listdir(RUN_DIR))
+    except FileNotFoundError:
+        return []
+    for n in names:
+        if n.endswith(".json"):
+            try:
+                with open(os.path.join(RUN_DIR, n)) as f:
+                    out.append(RuntimeRecord(**json.load(f)))
+            except (OSError, ValueError, TypeError):
+                continue
+    return out
+
+
+class Server:
+    """Answers requests on a thread; never touches the view or the tree."""
+
+    def __init__(self, name: str, handler: Handler) -> None:
+        self.path = socket_path(name)
+        self.handler = handler
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(16)
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self._one(conn)
+                except Exception as e:  # a bad client must not kill the filler
+                    _send(conn, {"ok": False, "error": f"internal error: {e}"})
+
+    def _one(self, conn: socket.socket) -> None:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", cred)
+        if uid != 0:
+            _send(conn, {"ok": False, "error": "root only"})
+            return
+        conn.settimeout(10)
+        line = conn.makefile("rb").readline(1 << 16)
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            _send(conn, {"ok": False, "error": f"bad request: {e}"})
+            return
+        _send(conn, self.handler(req))
+
+
+def _send(conn: socket.socket, reply: dict[str, Any]) -> None:
+    try:
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass
+
+
+def request(name: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to the filler of mount NAME and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path(name))
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = s.makefile("rb").readline()
+    reply: dict[str, Any] = json.loads(data)
+    return reply

@@ -1,0 +1,288 @@
+"""The filler: reads one group's permission events, fills stubs, commits, marks, answers.
+
+Threads: one reader (the only one that reads the group), a pool of fill workers (one fetch per
+inode however many events wait on it), one committer (group commit: one syncfs makes a batch of
+fills durable before their records say "resident" and their ignore marks go on).
+
+This process never opens a file through a view or the store tree: it touches stubs only through
+event fds (FMODE_NONOTIFY, so no events of its own) and reads the source, which no mark covers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hsmfs import tree
+from hsmfs.filler.hydrate import FILLED, RESIDENT, USERS, FillError, hydrate
+from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import syncfs
+from hsmfs.policy import Policy
+from hsmfs.sources import Source
+
+log = logging.getLogger("hsmfs.filler")
+
+# Events the view's mount mark asks for. FAN_OPEN_PERM fills before hole-aware copiers (cp, tar -S)
+# look for data with SEEK_DATA (kernel-facts §14); FAN_PRE_ACCESS covers fds opened earlier.
+MASK = fan.FAN_PRE_ACCESS | fan.FAN_OPEN_PERM
+IGNORE = fan.FAN_MARK_ADD | fan.FAN_MARK_IGNORE | fan.FAN_MARK_IGNORED_SURV_MODIFY | fan.FAN_MARK_EVICTABLE
+COMMIT_BATCH = 512  # at most this many fds wait for one commit
+
+Key = tuple[int, int]  # (st_dev, st_ino)
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    fills: int = 0
+    fill_bytes: int = 0
+    fill_errors: int = 0
+    commits: int = 0
+    overflows: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def as_dict(self) -> dict[str, object]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> Optional[float]:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
+
+        return {"events": self.events, "fills": self.fills, "fill_bytes": self.fill_bytes,
+                "fill_errors": self.fill_errors, "commits": self.commits, "overflows": self.overflows,
+                "fill_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
+
+
+@dataclass
+class _Pending:
+    key: Key
+    fd: int
+    rec: tree.Record
+    state: str  # what the record will say once committed
+
+
+class Filler:
+    def __init__(self, group: int, store_fd: int, paths: tree.PathTable, source: Source, policy: Policy) -> None:
+        self.group = group
+        self.paths = paths
+        self.store_fd = store_fd
+        self.source = source
+        self.policy = policy
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._inflight: dict[Key, list[fan.Event]] = {}
+        self._known: dict[Key, str] = {}
+        self._pending: list[_Pending] = []
+        self._pending_cv = threading.Condition(self._lock)
+        self._stopping = False
+        self._flushes = 0  # flush() requests; the committer skips the wait while any is pending
+        self._committed = threading.Condition(self._lock)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="fill")
+        self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
+        self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._reader.start()
+        self._committer.start()
+
+    def stop(self) -> None:
+        """Stop reading, let running fills finish and answer their readers, commit what's filled."""
+        with self._lock:
+            self._stopping = True
+            self._pending_cv.notify_all()
+        os.write(self._wake_w, b"x")
+        self._reader.join()
+        self._pool.shutdown(wait=True)
+        self._committer.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        buf = bytearray(1 << 16)
+        while True:
+            ready, _, _ = select.select([self.group, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                n = os.readv(self.group, [buf])
+            except BlockingIOError:
+                continue
+            except InterruptedError:
+                continue
+            try:
+                events = list(fan.parse(memoryview(buf)[:n]))
+            except ValueError as e:  # never seen; answer nothing we can't parse rather than guess
+                log.critical("fanotify read returned garbage: %s", e)
+                continue
+            for ev in events:
+                self._dispatch(ev)
+
+    def _dispatch(self, ev: fan.Event) -> None:
+        if ev.mask & fan.FAN_Q_OVERFLOW:
+            self.stats.overflows += 1
+            log.critical("ALARM: fanotify queue overflowed; some reads may have seen stub holes")
+            return
+        if ev.fd < 0:
+            return
+        self.stats.events += 1
+        if not ev.mask & fan.PERM_EVENTS:
+            os.close(ev.fd)
+            return
+        try:
+            st = os.fstat(ev.fd)
+        except OSError as e:
+            log.error("fstat of event fd failed: %s", e)
+            self._answer(ev, fan.deny_errno(self.policy.source_errno))
+            return
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            known = self._known.get(key)
+            if known is None:
+                waiters = self._inflight.get(key)
+                if waiters is not None:
+                    waiters.append(ev)
+                    return
+                self._inflight[key] = [ev]
+        if known is not None:
+            if known != FILLED:  # its evictable ignore mark was dropped with the inode: re-mark
+                self._ignore(ev.fd)
+            self._answer(ev, fan.FAN_ALLOW)
+            return
+        self._pool.submit(self._fill, key, ev, st)
+
+    def _answer(self, ev: fan.Event, response: int, *, close: bool = True) -> None:
+        try:
+            fan.respond(self.group, ev.fd, response)
+        except OSError as e:
+            log.error("answering event fd %d failed: %s", ev.fd, e)
+        if close:
+            os.close(ev.fd)
+
+    def _ignore(self, fd: int) -> None:
+        try:
+            fan.mark(self.group, IGNORE, MASK, fd, None)
+        except OSError as e:
+            log.warning("ignore mark failed: %s", e)
+
+    # -- filling ---------------------------------------------------------------------------------
+    def _fill(self, key: Key, ev: fan.Event, st: os.stat_result) -> None:
+        t0 = time.monotonic()
+        rec: Optional[tree.Record] = None
+        src: Optional[str] = None
+        outcome: Optional[str] = None
+        response = fan.FAN_ALLOW
+        try:
+            rec = tree.read_record(ev.fd)
+            if rec is not None:
+                src = self.paths.get(rec.path_id)
+            outcome = hydrate(ev.fd, rec, st, self.source, src or "")
+        except (FillError, tree.RecordError, OSError) as e:
+            what = src or _fd_path(ev.fd)
+            log.error("cannot fill %s from %s: %s; readers get %s, the stub stays a stub",
+                      what, self.source.describe(), e, self.policy.source_error)
+            response = fan.deny_errno(self.policy.source_errno)
+            with self._lock:
+                self.stats.fill_errors += 1
+        except Exception:
+            log.exception("bug while filling %s", _fd_path(ev.fd))
+            response = fan.deny_errno(self.policy.source_errno)
+        with self._lock:
+            waiters = self._inflight.pop(key)
+            if outcome is not None:
+                self._known[key] = outcome
+            if outcome == FILLED and rec is not None:
+                self.stats.fills += 1
+                self.stats.fill_bytes += rec.size
+                self.stats.latencies.append(time.monotonic() - t0)
+        keep = ev.fd if outcome is not None else -1
+        for w in waiters:
+            self._answer(w, response, close=w.fd != keep)
+        if outcome is None:
+            return
+        if rec is not None and (outcome == FILLED or (outcome == USERS and rec.state == "stub")):
+            with self._lock:
+                self._pending.append(_Pending(key, ev.fd, rec, "resident" if outcome == FILLED else "dirty"))
+                if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
+                    self._pending_cv.notify_all()
+            return
+        self._ignore(ev.fd)
+        os.close(ev.fd)
+
+    # -- committing ------------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._pending_cv.wait()
+                if not self._pending and self._stopping:
+                    return
+                deadline = time.monotonic() + self.policy.commit_interval
+                while len(self._pending) < COMMIT_BATCH and not self._stopping and not self._flushes:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._pending_cv.wait(left)
+                batch, self._pending = self._pending, []
+            self._commit(batch)
+            with self._lock:
+                self._committed.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Commit every fill now and close the event fds held for it (they keep the view busy)."""
+        with self._lock:
+            self._flushes += 1
+            try:
+                self._pending_cv.notify_all()
+                deadline = time.monotonic() + timeout
+                while (self._pending or self._inflight) and time.monotonic() < deadline:
+                    self._committed.wait(0.05)
+            finally:
+                self._flushes -= 1
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Data durable, then records, then ignore marks: a crash anywhere costs a refetch at most."""
+        try:
+            syncfs(self.store_fd)
+            for p in batch:
+                tree.write_record(p.fd, p.rec.with_state(p.state))
+            syncfs(self.store_fd)
+        except OSError as e:
+            # nothing is marked: the next access re-checks each file against its source
+            log.error("commit of %d files failed: %s; they will be re-checked on next access", len(batch), e)
+            with self._lock:
+                for p in batch:
+                    self._known.pop(p.key, None)
+            for p in batch:
+                os.close(p.fd)
+            return
+        with self._lock:
+            for p in batch:
+                self._known[p.key] = RESIDENT if p.state == "resident" else USERS
+        for p in batch:
+            self._ignore(p.fd)
+            os.close(p.fd)
+        with self._lock:
+            self.stats.commits += 1  # counted once the batch is marked: status shows a finished commit
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            d = self.stats.as_dict()
+            d["inflight"] = len(self._inflight)
+            d["pending_commit"] = len(self._pending)
+            return d
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"

@@ -1,0 +1,97 @@
+"""Filling one stub, identified by an event fd (never by path: renames must not matter)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Optional
+
+from hsmfs import tree
+from hsmfs.sources import Source
+from hsmfs.sources.local import copy_range
+
+# What a worker decided about one inode
+FILLED = "filled"  # bytes written, resident state not yet durable
+RESIDENT = "resident"  # already resident on disk
+USERS = "users"  # not (or no longer) a stub of the source: a user's file, never refetched
+
+
+class FillError(Exception):
+    """The source could not deliver the file; readers get the policy's errno."""
+
+
+def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """[(start, end)] of data (non-hole) regions of fd, by SEEK_DATA/SEEK_HOLE."""
+    regions = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if start >= size:
+            break
+        regions.append((start, end))
+        pos = end
+    return regions
+
+
+def _same_as_source(fd: int, src_fd: int, start: int, end: int) -> bool:
+    chunk = 1 << 20
+    pos = start
+    while pos < end:
+        n = min(chunk, end - pos)
+        if os.pread(fd, n, pos) != os.pread(src_fd, n, pos):
+            return False
+        pos += n
+    return True
+
+
+def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Source, src: str) -> str:
+    """Make the file behind fd hold the bytes of source object src; return FILLED, RESIDENT or USERS.
+
+    A (re)fill only ever writes into holes or over bytes equal to the source's: a file whose data
+    differs from its source, or whose size no longer matches its record (O_TRUNC raises no
+    event), is the user's (design.md, "The first event may be a write").
+    """
+    if rec is None:
+        return USERS
+    state = tree.file_state(rec, st)
+    if state == "resident":
+        return RESIDENT
+    if state != "stub":
+        return USERS
+    size = rec.size
+    regions = _data_regions(fd, size) if st.st_blocks else []
+    try:
+        if not regions:
+            source.fill(src, fd, size)
+        else:
+            # left over from a fill or a user write before a crash: keep what's there if it is
+            # the source's; any other byte means a user wrote it
+            src_fd = source.open(src)
+            try:
+                if os.fstat(src_fd).st_size != size:
+                    raise FillError(f"source file changed size since the stub was made "
+                                    f"({os.fstat(src_fd).st_size} bytes, stub says {size})")
+                for start, end in regions:
+                    if not _same_as_source(fd, src_fd, start, end):
+                        return USERS
+                pos = 0
+                for start, end in [*regions, (size, size)]:
+                    if pos < start:
+                        copy_range(src_fd, fd, pos, start)
+                    pos = end
+            finally:
+                os.close(src_fd)
+    except FileNotFoundError as e:
+        raise FillError(f"source file is gone: {e.strerror}") from None
+    except OSError as e:
+        raise FillError(e.strerror or str(e)) from None
+    # writing the bytes bumped mtime: restore the source's, or make rebuilds everything
+    os.utime(fd, ns=(rec.atime_ns, rec.mtime_ns))
+    return FILLED
+

@@ -1,0 +1,83 @@
+"""Attaching and detaching views: marked while detached, so no process ever sees one unwatched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Callable, Optional
+
+from hsmfs.linux import fanotify as fan
+from hsmfs.linux.mount import move_mount, open_tree_clone, setns, umount
+
+
+def ns_path(namespace: str) -> str:
+    """--namespace PID|NSFILE -> the mount namespace file."""
+    return f"/proc/{namespace}/ns/mnt" if namespace.isdigit() else namespace
+
+
+def mount_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(f"no mnt_id in fdinfo of fd {fd}")
+
+
+def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None) -> int:
+    """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
+
+    With nsfd, the move happens in that mount namespace, from a forked child: setns(CLONE_NEWNS)
+    needs a single-threaded caller, and the caller (the daemon before its threads start) stays
+    in its own namespace.
+    """
+    mfd = open_tree_clone(tree)
+    try:
+        fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT, mask, mfd, ".")
+        mnt = mount_id(mfd)
+        if nsfd is None:
+            move_mount(mfd, target)
+        else:
+            _in_namespace(nsfd, lambda: move_mount(mfd, target))
+        return mnt
+    finally:
+        os.close(mfd)
+
+
+def _in_namespace(nsfd: int, action: Callable[[], None]) -> None:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: single-threaded, only syscalls, then _exit
+        code = 0
+        try:
+            os.close(r)
+            setns(nsfd)
+            action()
+        except OSError as e:
+            os.write(w, f"{e.errno}:{e}".encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        err, _, text = msg.partition(":")
+        raise OSError(int(err) if err.isdigit() else 5, text or f"namespace helper failed ({status})")
+
+
+def detach(target: str, *, lazy: bool = False, ns_file: Optional[str] = None) -> None:
+    """Unmount a view. In another namespace this runs nsenter(1): the daemon has threads by now."""
+    if ns_file is None:
+        umount(target, lazy=lazy)
+        return
+    cmd = ["nsenter", f"--mount={ns_file}", "umount", *(["-l"] if lazy else []), target]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        err = 16 if "busy" in r.stderr else 5  # EBUSY / EIO
+        raise OSError(err, r.stderr.strip() or f"umount {target} failed")
+
+
+def is_mounted(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    with open(mountinfo) as f:
+        return any(line.split(" ", 1)[0] == str(mnt_id) for line in f)
+
