@@ -30,6 +30,7 @@ from hsmfs.errors import (
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.policy import load_policy
+from hsmfs.views import is_mountpoint
 
 STORE_ROOT = "/var/lib/hsmfs"
 LOG_DIR = "/var/log/hsmfs"
@@ -119,7 +120,7 @@ def mount(
             raise CannotCreate(f"target {tgt} does not exist", hint=f"create it first: mkdir -p {tgt}")
         if not os.path.isdir(tgt):
             raise CannotCreate(f"target {tgt} is not a directory")
-        if os.path.ismount(tgt):
+        if is_mountpoint(tgt):
             raise Busy(f"target {tgt} is already a mount point", hint=f"unmount it first: hsmfs umount {tgt}")
     for rt in runtime_records():
         if rt.name == name and rt.alive():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from typing import Callable, Optional
 
@@ -75,6 +76,18 @@ def detach(target: str, *, lazy: bool = False, ns_file: Optional[str] = None) ->
     if r.returncode != 0:
         err = 16 if "busy" in r.stderr else 5  # EBUSY / EIO
         raise OSError(err, r.stderr.strip() or f"umount {target} failed")
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether something is mounted at path. os.path.ismount misses bind mounts within one filesystem."""
+    path = os.path.realpath(path)
+    with open(mountinfo) as f:
+        return any(_unescape(line.split(" ", 5)[4]) == path for line in f)
 
 
 def is_mounted(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> bool:

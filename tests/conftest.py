@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import pytest
 
+from hsmfs.views import is_mountpoint
+
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 IMAGE_SIZE = 1 << 30  # sparse
@@ -46,7 +48,7 @@ class LoopFS:
         return tempfile.mkdtemp(prefix=prefix + "-", dir=self.mnt)
 
     def close(self) -> None:
-        if os.path.ismount(self.mnt):
+        if is_mountpoint(self.mnt):
             r = subprocess.run(["umount", self.mnt], capture_output=True)
             if r.returncode != 0:
                 subprocess.run(["umount", "-l", self.mnt], check=False)
@@ -134,10 +136,10 @@ class View:
                     except ProcessLookupError:
                         pass
                     _wait_gone(pid)
-                elif os.path.ismount(self.target):
+                elif is_mountpoint(self.target):
                     subprocess.run(["umount", "-l", self.target], check=False)
             self.mounted = False
-        if os.path.isdir(self.target) and not os.path.ismount(self.target):
+        if os.path.isdir(self.target) and not is_mountpoint(self.target):
             os.rmdir(self.target)
         try:
             os.unlink(f"/var/log/hsmfs/{self.name}.log")

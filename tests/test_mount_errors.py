@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import LoopFS, hsmfs
 
+from hsmfs.views import is_mountpoint
+
 
 @pytest.fixture
 def setup(loopfs: LoopFS) -> Iterator[tuple[str, str, str]]:
@@ -23,7 +25,7 @@ def setup(loopfs: LoopFS) -> Iterator[tuple[str, str, str]]:
     target = tempfile.mkdtemp(prefix="target-", dir=loopfs.base)
     store = os.path.join(loopfs.fresh_dir("stores"), "store")
     yield src, target, store
-    if os.path.ismount(target):  # only if a test failed to refuse
+    if is_mountpoint(target):  # only if a test failed to refuse
         subprocess.run(["umount", "-l", target], check=False)
     os.rmdir(target)
 
@@ -79,7 +81,7 @@ def refused_as_nobody(code: int, *args: str) -> str:
 
 def assert_unchanged(target: str, store: str, name: str) -> None:
     assert not os.path.exists(store), "a refused mount created the store"
-    assert not os.path.ismount(target)
+    assert not is_mountpoint(target)
     assert os.listdir(target) == []
     assert not os.path.exists(f"/run/hsmfs/{name}.json")
 
@@ -165,9 +167,9 @@ def test_happy_path_for_contrast(setup: tuple[str, str, str]) -> None:
     src, target, store = setup
     hsmfs("mount", "--name", "e-ok", "--store", store, src, target)
     try:
-        assert os.path.ismount(target)
+        assert is_mountpoint(target)
         assert subprocess.run(["cat", os.path.join(target, "f")], capture_output=True,
                               timeout=30).stdout == b"data"
     finally:
         hsmfs("umount", target)
-    assert not os.path.ismount(target)
+    assert not is_mountpoint(target)

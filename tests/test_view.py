@@ -15,6 +15,8 @@ from typing import Callable
 import pytest
 from conftest import LoopFS, View, hsmfs
 
+from hsmfs.views import is_mountpoint
+
 SIZES = {"empty": 0, "one": 1, "page-1": 4095, "page": 4096, "page+1": 4097, "mid.bin": 300_000,
          "big.bin": 5 * 1024 * 1024 + 17}
 
@@ -277,7 +279,7 @@ def test_view_in_other_mount_namespace(loopfs: LoopFS, make_view: Callable[..., 
             time.sleep(0.02)
         v = make_view(src, "--namespace", str(holder.pid), mount=False)
         v.mount()
-        assert not os.path.ismount(v.target)  # not on the host
+        assert not is_mountpoint(v.target)  # not on the host
         out = run(["nsenter", "-t", str(holder.pid), "-m", "sha256sum", v.path("big.bin")]).stdout
         assert out.split()[0].decode() == sha(os.path.join(src, "big.bin"))
         mounts = run(["nsenter", "-t", str(holder.pid), "-m", "findmnt", "-n", v.target]).stdout
