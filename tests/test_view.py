@@ -233,8 +233,10 @@ def test_resident_after_commit_and_ignored(view: View) -> None:
     events = view.status()["filler"]["events"]
     for _ in range(20):
         run(["cat", view.path("mid.bin")])
-    # the ignore mark went on after the commit: reads of a resident file raise no events
-    assert view.status()["filler"]["events"] == events
+    # the ignore mark went on after the commit: reads of a resident file raise no events. Without it
+    # each cat raises at least 3 (open, read, read at EOF). A cache drop elsewhere on the machine may
+    # evict the inode and its evictable mark: the one event that follows re-marks it.
+    assert view.status()["filler"]["events"] - events <= 1
 
 
 def test_source_file_deleted(view: View) -> None:

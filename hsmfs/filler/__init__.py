@@ -144,6 +144,9 @@ class Filler:
             self._answer(ev, fan.deny_errno(self.policy.source_errno))
             return
         key = (st.st_dev, st.st_ino)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event mask=%#x fd=%d pid=%d range=%d+%d ino=%d", ev.mask, ev.fd, ev.pid, ev.offset,
+                      ev.count, st.st_ino)
         with self._lock:
             known = self._known.get(key)
             if known is None:
