@@ -300,6 +300,8 @@ def status(
         try:
             reply = request(rt.name, {"op": "status"}, timeout=10)
             d["running"] = bool(reply.get("ok"))
+            d["filler_pid"] = reply.get("filler_pid")
+            d["restarts"] = reply.get("restarts")
             d["filler"] = reply.get("filler")
         except OSError as e:
             d["running"] = False
@@ -313,8 +315,8 @@ def status(
         print("no hsmfs mounts are running")
     for d in out:
         where = d["target"] + (f" (namespace {d['namespace']})" if d["namespace"] else "")
-        print(f"{d['name']}: {d['source']} -> {where}  pid {d['pid']} "
-              f"{'running' if d['running'] else 'NOT RESPONDING'}")
+        print(f"{d['name']}: {d['source']} -> {where}  supervisor pid {d['pid']}, filler pid "
+              f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         for state, v in d["states"].items():
             print(f"  {state:<9} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")

@@ -1,36 +1,44 @@
-"""The process behind one hsmfs mount: owns the fanotify group, attaches the view, runs the filler.
+"""The supervisor behind one hsmfs mount: ``python -m hsmfs.daemon``, started by ``hsmfs mount``.
 
-Started by ``hsmfs mount`` as ``python -m hsmfs.daemon``; never imports typer, rich or pyroute2.
-It reports "ready" (or why it failed) on the fd given by --ready-fd, once the view is live.
+It owns what must outlive a filler crash: the fanotify group (while any process holds it, pending
+events block instead of failing open, kernel-facts §6) and the view. It creates the group, marks
+settled files, attaches the marked view, then runs ``python -m hsmfs.filler`` with the group fd and
+restarts it whenever it dies; the successor answers what its predecessor left pending before it
+reads anything new. The supervisor never reads the group and never touches the tree.
+
+It stops when the view's mount is gone (the mount mark vanishes from the group's fdinfo, which
+also covers a lazily detached view whose last user left), or on SIGTERM once the view could be
+unmounted. It reports "ready" (or "error CODE MESSAGE") on --ready-fd once the view is live.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import resource
 import signal
 import stat
+import subprocess
 import sys
-import threading
-from typing import Any, Optional
+import time
+from typing import Optional
 
 from hsmfs import tree
-from hsmfs.control import RuntimeRecord, Server
+from hsmfs.control import RuntimeRecord
 from hsmfs.errors import HsmfsError
-from hsmfs.filler import IGNORE, MASK, Filler
+from hsmfs.filler import IGNORE, MASK
 from hsmfs.linux import fanotify as fan
-from hsmfs.policy import Policy, load_policy
-from hsmfs.sources.local import LocalSource
-from hsmfs.views import attach, detach, is_mounted, ns_path
+from hsmfs.policy import load_policy
+from hsmfs.process import setup_logging
+from hsmfs.views import attach, detach, ns_path
 
 log = logging.getLogger("hsmfs.daemon")
 
 GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
     | fan.FAN_UNLIMITED_MARKS
 EVENT_FLAGS = os.O_RDWR | os.O_LARGEFILE  # fills are written through the event fd (kernel-facts §4)
+POLL = 0.2  # seconds between looks at the filler and the view
+BACKOFF_MAX = 5.0
 
 
 def mark_settled_files(group: int, root: str) -> int:
@@ -52,78 +60,130 @@ def mark_settled_files(group: int, root: str) -> int:
     return n
 
 
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def view_alive(group: int) -> bool:
+    """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
+    with open(f"/proc/self/fdinfo/{group}") as f:
+        return any(line.startswith("fanotify mnt_id:") for line in f)
 
 
-class Daemon:
-    def __init__(self, store: tree.Store, target: str, namespace: Optional[str], policy: Policy,
+class Supervisor:
+    def __init__(self, store: tree.Store, target: str, namespace: Optional[str], config: Optional[str],
                  log_path: str) -> None:
         self.store = store
         self.target = target
         self.namespace = namespace
-        self.policy = policy
+        self.config = config
         self.log_path = log_path
-        self.stop_event = threading.Event()
+        self.terms = 0
+        self.group = -1
         self.nsfd: Optional[int] = None
-        self.unmounted = False
+
+    @property
+    def ns_file(self) -> Optional[str]:
+        return f"/proc/{os.getpid()}/fd/{self.nsfd}" if self.nsfd is not None else None
+
+    def start_filler(self, restarts: int) -> tuple[subprocess.Popen[bytes], int]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        cmd = [sys.executable, "-m", "hsmfs.filler", "--group-fd", str(self.group), "--store", self.store.path,
+               "--target", self.target, "--ready-fd", str(w), "--restarts", str(restarts)]
+        if self.ns_file:
+            cmd += ["--ns-file", self.ns_file]
+        if self.config:
+            cmd += ["--config", self.config]
+        fds = (self.group, w) + ((self.nsfd,) if self.nsfd is not None else ())
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, cwd="/")
+        os.close(w)
+        return proc, r
 
     def run(self, ready_fd: int) -> int:
-        raise_fd_limit()
-        source = LocalSource(self.store.source)
-        group = fan.init(GROUP_FLAGS, EVENT_FLAGS)
-        store_fd = os.open(self.store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.group = fan.init(GROUP_FLAGS, EVENT_FLAGS)
         if self.namespace is not None:
             self.nsfd = os.open(ns_path(self.namespace), os.O_RDONLY | os.O_CLOEXEC)
-        marked = mark_settled_files(group, self.store.tree)
-        mnt_id = attach(group, self.store.tree, self.target, MASK, nsfd=self.nsfd)
-        log.info("view of %s live at %s%s (mount id %d, %d settled files marked)", self.store.source,
-                 self.target, f" in namespace {self.namespace}" if self.namespace else "", mnt_id, marked)
+        marked = mark_settled_files(self.group, self.store.tree)
+        mnt_id = attach(self.group, self.store.tree, self.target, MASK, nsfd=self.nsfd)
+        where = f"{self.target} in namespace {self.namespace}" if self.namespace else self.target
+        log.info("view of %s live at %s (mount id %d, %d settled files marked)", self.store.source, where,
+                 mnt_id, marked)
         rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                            source=self.store.source, target=self.target, namespace=self.namespace,
                            mnt_id=mnt_id, log=self.log_path)
-        paths = tree.PathTable(self.store.path)
-        filler = Filler(group, store_fd, paths, source, self.policy)
-        filler.start()
-        server = Server(self.store.name, lambda req: self.handle(req, filler))
-        server.start()
         rt.save()
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-        while not self.stop_event.wait(1.0):
-            if self.namespace is None and not self.unmounted and not is_mounted(mnt_id):
-                log.info("view %s was unmounted; stopping", self.target)
-                break
-        server.close()
-        filler.stop()
-        os.close(group)  # after every event read has been answered
-        os.close(store_fd)
-        paths.close()
-        source.close()
-        rt.remove()
-        log.info("stopped: %s", filler.status())
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        restarts, backoff = 0, 0.1
+        proc, ready_r = self.start_filler(restarts)
+        started = time.monotonic()
+        ready_sent = False
+        try:
+            while True:
+                if ready_r >= 0 and _readable(ready_r):
+                    line = os.read(ready_r, 64)
+                    os.close(ready_r)
+                    ready_r = -1
+                    if line.startswith(b"ready") and not ready_sent:
+                        os.write(ready_fd, b"ready\n")
+                        os.close(ready_fd)
+                        ready_sent = True
+                code = proc.poll()
+                if not view_alive(self.group):
+                    log.info("view %s is gone; stopping", self.target)
+                    break
+                if self.terms and self._try_umount(lazy=self.terms > 1):
+                    break
+                if code is not None and not ready_sent:
+                    # never live: take the view away before the group goes, or it would fail open
+                    log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
+                    detach(self.target, lazy=True, ns_file=self.ns_file)
+                    os.write(ready_fd, f"error 70 the filler could not start ({_how(code)})\n".encode())
+                    return 70
+                if code is not None:
+                    if ready_r >= 0:
+                        os.close(ready_r)
+                        ready_r = -1
+                    if time.monotonic() - started > 60:
+                        backoff = 0.1
+                    log.error("filler exited (%s); restarting in %.1f s, the group stays held", _how(code), backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    restarts += 1
+                    proc, ready_r = self.start_filler(restarts)
+                    started = time.monotonic()
+                    continue
+                time.sleep(POLL)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # our own child
+                proc.wait()
+            rt.remove()
+            # only now: closing the last holder of the group allows whatever is still pending
+            os.close(self.group)
+        log.info("stopped")
         return 0
 
-    def handle(self, req: dict[str, Any], filler: Filler) -> dict[str, Any]:
-        op = req.get("op")
-        if op == "status":
-            return {"ok": True, "pid": os.getpid(), "filler": filler.status()}
-        if op == "umount":
-            lazy = bool(req.get("lazy"))
-            ns_file = f"/proc/{os.getpid()}/fd/{self.nsfd}" if self.nsfd is not None else None
-            filler.flush()
-            try:
-                detach(self.target, lazy=lazy, ns_file=ns_file)
-            except OSError as e:
-                return {"ok": False, "errno": e.errno, "error": str(e)}
-            self.unmounted = True
-            self.stop_event.set()
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown op {op!r}"}
+    def _on_term(self, *_: object) -> None:
+        self.terms += 1
+
+    def _try_umount(self, *, lazy: bool) -> bool:
+        """On SIGTERM: unmount the view first; while it is busy keep serving (a second SIGTERM detaches)."""
+        try:
+            detach(self.target, lazy=lazy, ns_file=self.ns_file)
+            return True
+        except OSError as e:
+            if self.terms == 1:
+                log.warning("SIGTERM: view %s is busy (%s); still serving, SIGTERM again to detach it",
+                            self.target, e)
+                self.terms = 1
+            return False
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _how(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -138,17 +198,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ready_fd: int = args.ready_fd
     try:
         policy = load_policy(args.config)
-        logging.basicConfig(level=policy.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+        setup_logging(policy.log_level)
         store = tree.Store.load(args.store)
         if store is None:
             raise HsmfsError(f"{args.store} is not an hsmfs store")
-        return Daemon(store, args.target, args.namespace, policy, args.log).run(ready_fd)
+        return Supervisor(store, args.target, args.namespace, args.config, args.log).run(ready_fd)
     except (HsmfsError, OSError) as e:
         code = e.exit_code if isinstance(e, HsmfsError) else 71  # EX_OSERR
         msg = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"
-        if isinstance(e, OSError) and e.errno == errno.EBADF:
-            msg = f"{msg} (did the daemon lose its ready fd?)"
         log.error("%s", msg)
         try:
             os.write(ready_fd, f"error {code} {msg}\n".encode())

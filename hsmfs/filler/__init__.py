@@ -22,8 +22,10 @@ from typing import Optional
 
 from hsmfs import tree
 from hsmfs.filler.hydrate import FILLED, RESIDENT, USERS, FillError, hydrate
+from hsmfs.filler.journal import Journal
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
+from hsmfs.linux.handles import handle_of, open_handle
 from hsmfs.policy import Policy
 from hsmfs.sources import Source
 
@@ -34,6 +36,7 @@ log = logging.getLogger("hsmfs.filler")
 MASK = fan.FAN_PRE_ACCESS | fan.FAN_OPEN_PERM
 IGNORE = fan.FAN_MARK_ADD | fan.FAN_MARK_IGNORE | fan.FAN_MARK_IGNORED_SURV_MODIFY | fan.FAN_MARK_EVICTABLE
 COMMIT_BATCH = 512  # at most this many fds wait for one commit
+SWEEP_FDS = 65536  # fd numbers a successor answers blindly at least (responses match by fd number)
 
 Key = tuple[int, int]  # (st_dev, st_ino)
 
@@ -44,6 +47,9 @@ class Stats:
     fills: int = 0
     fill_bytes: int = 0
     fill_errors: int = 0
+    timeouts: int = 0
+    replayed: int = 0
+    swept: int = 0
     commits: int = 0
     overflows: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
@@ -55,7 +61,8 @@ class Stats:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
 
         return {"events": self.events, "fills": self.fills, "fill_bytes": self.fill_bytes,
-                "fill_errors": self.fill_errors, "commits": self.commits, "overflows": self.overflows,
+                "fill_errors": self.fill_errors, "timeouts": self.timeouts, "replayed": self.replayed,
+                "swept": self.swept, "commits": self.commits, "overflows": self.overflows,
                 "fill_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
 
 
@@ -67,16 +74,26 @@ class _Pending:
     state: str  # what the record will say once committed
 
 
+@dataclass
+class _Waiter:
+    ev: fan.Event
+    since: float
+    journaled: bool
+    answered: bool = False
+
+
 class Filler:
-    def __init__(self, group: int, store_fd: int, paths: tree.PathTable, source: Source, policy: Policy) -> None:
+    def __init__(self, group: int, store_fd: int, paths: tree.PathTable, source: Source, policy: Policy,
+                 journal: Optional[Journal] = None) -> None:
         self.group = group
         self.paths = paths
+        self.journal = journal
         self.store_fd = store_fd
         self.source = source
         self.policy = policy
         self.stats = Stats()
         self._lock = threading.Lock()
-        self._inflight: dict[Key, list[fan.Event]] = {}
+        self._inflight: dict[Key, list[_Waiter]] = {}
         self._known: dict[Key, str] = {}
         self._pending: list[_Pending] = []
         self._pending_cv = threading.Condition(self._lock)
@@ -87,11 +104,13 @@ class Filler:
         self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="fill")
         self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
         self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
+        self._deadlines = threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._reader.start()
         self._committer.start()
+        self._deadlines.start()
 
     def stop(self) -> None:
         """Stop reading, let running fills finish and answer their readers, commit what's filled."""
@@ -102,14 +121,71 @@ class Filler:
         self._reader.join()
         self._pool.shutdown(wait=True)
         self._committer.join()
+        self._deadlines.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def recover(self, tree_fd: int) -> None:
+        """Before reading any event: fill and answer what a dead predecessor left pending, then sweep.
+
+        Journaled events are filled through a handle opened on the store (not the view) and
+        allowed; any other pending fd number gets EAGAIN: an error, never a stub's holes.
+        """
+        pending = self.journal.pending() if self.journal is not None else {}
+        by_handle: dict[tuple[int, bytes], list[int]] = {}
+        for fd, h in pending.items():
+            by_handle.setdefault(h, []).append(fd)
+        for (htype, handle), fds in by_handle.items():
+            response = self._refill(tree_fd, htype, handle)
+            for n in fds:
+                try:
+                    fan.respond(self.group, n, response)
+                except OSError:
+                    pass  # answered before the crash, after all
+            self.stats.replayed += len(fds)
+        again = fan.deny_errno(11)  # EAGAIN
+        for n in range(max(SWEEP_FDS, max(pending, default=0) + 1)):
+            try:
+                fan.respond(self.group, n, again)
+                self.stats.swept += 1
+            except OSError:
+                pass  # ENOENT: nothing pending under that number
+        if self.journal is not None:
+            self.journal.reset()
+        if pending or self.stats.swept:
+            log.warning("took over from a dead filler: %d events filled and allowed, %d answered EAGAIN",
+                        self.stats.replayed, self.stats.swept)
+
+    def _refill(self, tree_fd: int, htype: int, handle: bytes) -> int:
+        try:
+            fd = open_handle(tree_fd, htype, handle, os.O_RDWR)
+        except OSError as e:
+            log.error("cannot reopen a file a dead filler was filling: %s; its readers get %s", e,
+                      self.policy.source_error)
+            return fan.deny_errno(self.policy.source_errno)
+        try:
+            st = os.fstat(fd)
+            rec = tree.read_record(fd)
+            src = self.paths.get(rec.path_id) if rec is not None else ""
+            outcome = hydrate(fd, rec, st, self.source, src)
+            if rec is not None and outcome == FILLED:
+                self._commit([_Pending((st.st_dev, st.st_ino), os.dup(fd), rec, "resident")])
+            return fan.FAN_ALLOW
+        except (FillError, tree.RecordError, OSError) as e:
+            log.error("cannot fill %s after a filler restart: %s; its readers get %s", _fd_path(fd), e,
+                      self.policy.source_error)
+            return fan.deny_errno(self.policy.source_errno)
+        finally:
+            os.close(fd)
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_loop(self) -> None:
         buf = bytearray(1 << 16)
+        poller = select.poll()
+        poller.register(self.group, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
-            ready, _, _ = select.select([self.group, self._wake_r], [], [])
+            ready = [fd for fd, _ in poller.poll()]
             if self._wake_r in ready:
                 return
             try:
@@ -147,20 +223,31 @@ class Filler:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event mask=%#x fd=%d pid=%d range=%d+%d ino=%d", ev.mask, ev.fd, ev.pid, ev.offset,
                       ev.count, st.st_ino)
-        with self._lock:
+        with self._lock:  # lock order: self._lock, then the journal's
             known = self._known.get(key)
             if known is None:
+                waiter = _Waiter(ev, time.monotonic(), self._journal_read(ev.fd))
                 waiters = self._inflight.get(key)
                 if waiters is not None:
-                    waiters.append(ev)
+                    waiters.append(waiter)
                     return
-                self._inflight[key] = [ev]
+                self._inflight[key] = [waiter]
         if known is not None:
             if known != FILLED:  # its evictable ignore mark was dropped with the inode: re-mark
                 self._ignore(ev.fd)
             self._answer(ev, fan.FAN_ALLOW)
             return
         self._pool.submit(self._fill, key, ev, st)
+
+    def _journal_read(self, fd: int) -> bool:
+        if self.journal is None:
+            return False
+        try:
+            self.journal.read(fd, *handle_of(fd))
+            return True
+        except OSError as e:
+            log.warning("cannot journal event fd %d: %s", fd, e)
+            return False
 
     def _answer(self, ev: fan.Event, response: int, *, close: bool = True) -> None:
         try:
@@ -169,6 +256,39 @@ class Filler:
             log.error("answering event fd %d failed: %s", ev.fd, e)
         if close:
             os.close(ev.fd)
+
+    def _answer_waiter(self, w: _Waiter, response: int) -> None:
+        """Answer without closing: the fd number must stay ours until the journal says answered."""
+        w.answered = True
+        self._answer(w.ev, response, close=False)
+        if w.journaled and self.journal is not None:
+            self.journal.answered(w.ev.fd)
+
+    def _deadline_loop(self) -> None:
+        """Readers of a fill that takes longer than fill_timeout get the policy's errno, not a hang.
+
+        Answers happen under the lock, so a worker finishing at the same moment sees them answered
+        and no fd number is answered after it was closed (responses match by number).
+        """
+        period = min(1.0, self.policy.fill_timeout / 4)
+        deny = fan.deny_errno(self.policy.source_errno)
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._pending_cv.wait(period)
+                now = time.monotonic()
+                for waiters in self._inflight.values():
+                    for i, w in enumerate(waiters):
+                        if w.answered or now - w.since <= self.policy.fill_timeout:
+                            continue
+                        log.error("fill of %s took longer than %.0f s; its reader gets %s", _fd_path(w.ev.fd),
+                                  self.policy.fill_timeout, self.policy.source_error)
+                        self._answer_waiter(w, deny)
+                        self.stats.timeouts += 1
+                        if i > 0:  # the worker owns the first event's fd
+                            os.close(w.ev.fd)
+                    waiters[1:] = [w for w in waiters[1:] if not w.answered]
 
     def _ignore(self, fd: int) -> None:
         try:
@@ -206,10 +326,14 @@ class Filler:
                 self.stats.fills += 1
                 self.stats.fill_bytes += rec.size
                 self.stats.latencies.append(time.monotonic() - t0)
-        keep = ev.fd if outcome is not None else -1
+        # the worker owns ev.fd (the first event's) until here; the deadline answers but never closes it
         for w in waiters:
-            self._answer(w, response, close=w.fd != keep)
+            if not w.answered:
+                self._answer_waiter(w, response)
+            if w.ev.fd != ev.fd:
+                os.close(w.ev.fd)
         if outcome is None:
+            os.close(ev.fd)
             return
         if rec is not None and (outcome == FILLED or (outcome == USERS and rec.state == "stub")):
             with self._lock:

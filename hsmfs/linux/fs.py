@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
+import struct
 
 from hsmfs.linux import check, libc
 
@@ -70,3 +72,72 @@ def open_beneath(dirfd: int, path: str, flags: int) -> int:
                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))),
         f"open {path}",
     )
+
+
+# Shutting a filesystem down as a power cut would (crash tests, kernel-facts: promise 2).
+# asm-generic/ioctl.h: _IOR(type, nr, size) = READ << 30 | size << 16 | type << 8 | nr
+_IOC_READ = 2
+
+
+def _ior(kind: str, nr: int, size: int) -> int:
+    return (_IOC_READ << 30) | (size << 16) | (ord(kind) << 8) | nr
+
+
+# One number for all three: ext4 EXT4_IOC_SHUTDOWN (include/uapi/linux/ext4.h), xfs XFS_IOC_GOINGDOWN
+# (fs/xfs/libxfs/xfs_fs.h) and btrfs BTRFS_IOC_SHUTDOWN (include/uapi/linux/btrfs.h, 6.17+), each
+# _IOR('X', 125, __u32) = 0x8004587d. The flag values agree too: EXT4_GOING_FLAGS_*,
+# XFS_FSOP_GOING_FLAGS_*, BTRFS_SHUTDOWN_FLAGS_* (DEFAULT 0 freezes and syncs first, unlike a power cut).
+FS_IOC_SHUTDOWN = _ior("X", 125, 4)
+SHUTDOWN_LOGFLUSH = 1  # commit the journal/log, then stop: as if the power failed right after a commit
+SHUTDOWN_NOLOGFLUSH = 2  # stop now: what the journal did not commit is lost, as in a power cut
+SHUTDOWN_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
+
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def fs_type_of_fd(fd: int) -> str:
+    """Name of the filesystem holding the open file fd (see fs_type)."""
+    buf = ctypes.create_string_buffer(128)
+    check(libc.fstatfs(fd, buf), "fstatfs")
+    magic = int.from_bytes(buf.raw[:8], "little") & 0xFFFFFFFF
+    return FS_MAGIC.get(magic, f"unknown (0x{magic:x})")
+
+
+def shutdown(fd: int, *, flush_log: bool = False) -> None:
+    """Shut down the filesystem holding fd at once, as a power cut would (root only).
+
+    Every later operation on it fails with EIO; unmount it and mount it again to replay its journal.
+    Without flush_log, what the journal has not committed yet is lost; with it, the journal is
+    committed first. ext4 and xfs have the ioctl; btrfs only in kernels built with
+    CONFIG_BTRFS_EXPERIMENTAL (6.17+): elsewhere it raises OSError ENOTTY, and other filesystems
+    raise EOPNOTSUPP (f2fs shares the number with different flags, so it is refused by name).
+    """
+    kind = fs_type_of_fd(fd)
+    if kind not in SHUTDOWN_FILESYSTEMS:
+        raise OSError(errno.EOPNOTSUPP, f"shutdown: {kind} has no shutdown ioctl hsmfs knows")
+    flags = SHUTDOWN_LOGFLUSH if flush_log else SHUTDOWN_NOLOGFLUSH
+    try:
+        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("=I", flags))
+    except OSError as e:
+        why = " (this kernel's btrfs was built without CONFIG_BTRFS_EXPERIMENTAL)" \
+            if kind == "btrfs" and e.errno == errno.ENOTTY else ""
+        raise OSError(e.errno, f"shutdown of {kind}: {e.strerror}{why}") from None
+
+
+def shutdown_supported(fd: int) -> bool:
+    """Whether the filesystem holding fd has the shutdown ioctl, without shutting it down.
+
+    Asks with the first invalid flag value (3): ext4, xfs and btrfs check the flags before doing
+    anything and answer EINVAL; a filesystem or kernel without the ioctl answers ENOTTY.
+    """
+    if fs_type_of_fd(fd) not in SHUTDOWN_FILESYSTEMS:
+        return False
+    try:
+        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("=I", SHUTDOWN_NOLOGFLUSH + 1))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return True
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+            return False
+        raise
+    raise OSError(errno.EIO, "shutdown ioctl accepted an invalid flag: the filesystem may be shut down")
