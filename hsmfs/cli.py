@@ -222,6 +222,10 @@ def umount(
             who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
             raise Busy(f"{rt.target} is busy: {who}", hint="stop those processes, or use --lazy")
         raise HsmfsError(f"umount of {rt.target} failed: {reply.get('error')}")
+    if lazy:
+        print(f"hsmfs: detached {rt.target}; its filler serves the users it still has, then exits",
+              file=sys.stderr)
+        return
     deadline = time.monotonic() + 60
     while rt.alive() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -110,17 +110,18 @@ class Supervisor:
         rt.save()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        restarts, backoff = 0, 0.1
+        restarts, backoff = 0, 0.0
         proc, ready_r = self.start_filler(restarts)
-        started = time.monotonic()
         ready_sent = False
+        proc_ready = False  # whether the running filler reported ready
         try:
             while True:
                 if ready_r >= 0 and _readable(ready_r):
                     line = os.read(ready_r, 64)
                     os.close(ready_r)
                     ready_r = -1
-                    if line.startswith(b"ready") and not ready_sent:
+                    proc_ready = line.startswith(b"ready")
+                    if proc_ready and not ready_sent:
                         os.write(ready_fd, b"ready\n")
                         os.close(ready_fd)
                         ready_sent = True
@@ -140,14 +141,14 @@ class Supervisor:
                     if ready_r >= 0:
                         os.close(ready_r)
                         ready_r = -1
-                    if time.monotonic() - started > 60:
-                        backoff = 0.1
+                    # a filler that served restarts at once (readers are waiting); one that dies
+                    # while starting is retried with a growing delay
+                    backoff = 0.0 if proc_ready else min(max(backoff * 2, 0.1), BACKOFF_MAX)
                     log.error("filler exited (%s); restarting in %.1f s, the group stays held", _how(code), backoff)
                     time.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
                     restarts += 1
                     proc, ready_r = self.start_filler(restarts)
-                    started = time.monotonic()
+                    proc_ready = False
                     continue
                 time.sleep(POLL)
         finally:
