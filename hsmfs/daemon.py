@@ -41,9 +41,16 @@ POLL = 0.2  # seconds between looks at the filler and the view
 BACKOFF_MAX = 5.0
 
 
-def mark_settled_files(group: int, root: str) -> int:
-    """Ignore marks on every file that needs no fill (resident, dirty, local); returns their number."""
-    n = 0
+def mark_tree(group: int, root: str) -> tuple[int, int]:
+    """Mark every stub with an inode mark and every settled file with an ignore mark.
+
+    The view's mount mark covers only the view; a stub's inode mark covers every path to it: a
+    copy of the view in a later mount namespace, a bind mount, overlayfs over it, the store
+    itself (kernel-facts §13). Inode marks pin their inodes: that is the cost (docs/unwatched.md).
+    Files that need no fill (resident, dirty, local) get evictable ignore marks instead.
+    Returns (stubs, settled).
+    """
+    stubs = settled = 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)
@@ -52,12 +59,14 @@ def mark_settled_files(group: int, root: str) -> int:
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 if tree.file_state(tree.read_record(path), st) == "stub":
-                    continue
-                fan.mark(group, IGNORE, MASK, fan.AT_FDCWD, path)
-                n += 1
+                    fan.mark(group, fan.FAN_MARK_ADD, MASK, fan.AT_FDCWD, path)
+                    stubs += 1
+                else:
+                    fan.mark(group, IGNORE, MASK, fan.AT_FDCWD, path)
+                    settled += 1
             except (OSError, tree.RecordError) as e:
-                log.warning("not pre-marking %s: %s", path, e)
-    return n
+                log.warning("cannot mark %s: %s", path, e)
+    return stubs, settled
 
 
 def view_alive(group: int) -> bool:
@@ -99,11 +108,11 @@ class Supervisor:
         self.group = fan.init(GROUP_FLAGS, EVENT_FLAGS)
         if self.namespace is not None:
             self.nsfd = os.open(ns_path(self.namespace), os.O_RDONLY | os.O_CLOEXEC)
-        marked = mark_settled_files(self.group, self.store.tree)
+        stubs, settled = mark_tree(self.group, self.store.tree)
         mnt_id = attach(self.group, self.store.tree, self.target, MASK, nsfd=self.nsfd)
         where = f"{self.target} in namespace {self.namespace}" if self.namespace else self.target
-        log.info("view of %s live at %s (mount id %d, %d settled files marked)", self.store.source, where,
-                 mnt_id, marked)
+        log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", self.store.source,
+                 where, mnt_id, stubs, settled)
         rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                            source=self.store.source, target=self.target, namespace=self.namespace,
                            mnt_id=mnt_id, log=self.log_path)

@@ -10,6 +10,7 @@ event fds (FMODE_NONOTIFY, so no events of its own) and reads the source, which 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -125,54 +126,74 @@ class Filler:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def recover(self, tree_fd: int) -> None:
-        """Before reading any event: fill and answer what a dead predecessor left pending, then sweep.
+    def take_over(self, tree_fd: int) -> None:
+        """Start serving after a dead predecessor: sweep, then fill and allow what it journaled.
 
-        Journaled events are filled through a handle opened on the store (not the view) and
-        allowed; any other pending fd number gets EAGAIN: an error, never a stub's holes.
+        Responses match by fd number only (kernel-facts §6), so before the first new event is
+        read every stale number is either answered (EAGAIN: an error, never a stub's holes) or,
+        for journaled events, reserved by a dup so no new event can take it. The journaled files
+        are then reopened by handle from the store: a stub's inode mark makes that open an event
+        of our own group, which the running reader hands to a worker like any other; once it is
+        filled the stale numbers are allowed.
         """
         pending = self.journal.pending() if self.journal is not None else {}
-        by_handle: dict[tuple[int, bytes], list[int]] = {}
-        for fd, h in pending.items():
-            by_handle.setdefault(h, []).append(fd)
-        for (htype, handle), fds in by_handle.items():
-            response = self._refill(tree_fd, htype, handle)
-            for n in fds:
-                try:
-                    fan.respond(self.group, n, response)
-                except OSError:
-                    pass  # answered before the crash, after all
-            self.stats.replayed += len(fds)
+        if self.journal is not None:
+            self.journal.reset()
         again = fan.deny_errno(11)  # EAGAIN
         for n in range(max(SWEEP_FDS, max(pending, default=0) + 1)):
+            if n in pending:
+                continue
             try:
                 fan.respond(self.group, n, again)
                 self.stats.swept += 1
             except OSError:
                 pass  # ENOENT: nothing pending under that number
-        if self.journal is not None:
-            self.journal.reset()
+        reserved = _reserve(pending)
+        self.start()
+        try:
+            by_handle: dict[tuple[int, bytes], list[int]] = {}
+            for fd, h in pending.items():
+                by_handle.setdefault(h, []).append(fd)
+            for (htype, handle), fds in by_handle.items():
+                response = self._refill(tree_fd, htype, handle)
+                for n in fds:
+                    try:
+                        fan.respond(self.group, n, response)
+                    except OSError:
+                        pass  # answered before the crash, after all
+                self.stats.replayed += len(fds)
+        finally:
+            for n in reserved:
+                os.close(n)
         if pending or self.stats.swept:
             log.warning("took over from a dead filler: %d events filled and allowed, %d answered EAGAIN",
                         self.stats.replayed, self.stats.swept)
 
     def _refill(self, tree_fd: int, htype: int, handle: bytes) -> int:
+        """Fill the file a stale event was about; the response its fd number gets."""
         try:
-            fd = open_handle(tree_fd, htype, handle, os.O_RDWR)
+            fd = open_handle(tree_fd, htype, handle, os.O_RDONLY)  # a stub: our own event fills it
         except OSError as e:
-            log.error("cannot reopen a file a dead filler was filling: %s; its readers get %s", e,
+            log.error("cannot refill a file a dead filler was filling: %s; its readers get %s", e,
                       self.policy.source_error)
             return fan.deny_errno(self.policy.source_errno)
         try:
             st = os.fstat(fd)
             rec = tree.read_record(fd)
-            src = self.paths.get(rec.path_id) if rec is not None else ""
-            outcome = hydrate(fd, rec, st, self.source, src)
-            if rec is not None and outcome == FILLED:
-                self._commit([_Pending((st.st_dev, st.st_ino), os.dup(fd), rec, "resident")])
+            with self._lock:
+                known = self._known.get((st.st_dev, st.st_ino))
+            if rec is None or known is not None or tree.file_state(rec, st) != "stub":
+                return fan.FAN_ALLOW
+            # no inode mark raised an event for that open, so filling through a new fd is safe
+            wfd = open_handle(tree_fd, htype, handle, os.O_RDWR)
+            outcome = hydrate(wfd, rec, st, self.source, self.paths.get(rec.path_id))
+            if outcome == FILLED:
+                self._commit([_Pending((st.st_dev, st.st_ino), wfd, rec, "resident")])
+            else:
+                os.close(wfd)
             return fan.FAN_ALLOW
         except (FillError, tree.RecordError, OSError) as e:
-            log.error("cannot fill %s after a filler restart: %s; its readers get %s", _fd_path(fd), e,
+            log.error("cannot refill %s after a filler restart: %s; its readers get %s", _fd_path(fd), e,
                       self.policy.source_error)
             return fan.deny_errno(self.policy.source_errno)
         finally:
@@ -234,7 +255,7 @@ class Filler:
                 self._inflight[key] = [waiter]
         if known is not None:
             if known != FILLED:  # its evictable ignore mark was dropped with the inode: re-mark
-                self._ignore(ev.fd)
+                self._settle(ev.fd)
             self._answer(ev, fan.FAN_ALLOW)
             return
         self._pool.submit(self._fill, key, ev, st)
@@ -290,7 +311,18 @@ class Filler:
                             os.close(w.ev.fd)
                     waiters[1:] = [w for w in waiters[1:] if not w.answered]
 
-    def _ignore(self, fd: int) -> None:
+    def _settle(self, fd: int) -> None:
+        """A file that needs no fill: drop its stub's inode mark, add the evictable ignore mark.
+
+        Two marks of one group cannot share an inode with different evictability (EEXIST), so the
+        non-evictable inode mark goes first; a read in between through the view is answered at
+        once (the file is known), through any other path it sees the file's real data.
+        """
+        try:
+            fan.mark(self.group, fan.FAN_MARK_REMOVE, MASK, fd, None)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("removing the stub mark failed: %s", e)
         try:
             fan.mark(self.group, IGNORE, MASK, fd, None)
         except OSError as e:
@@ -341,7 +373,7 @@ class Filler:
                 if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
                     self._pending_cv.notify_all()
             return
-        self._ignore(ev.fd)
+        self._settle(ev.fd)
         os.close(ev.fd)
 
     # -- committing ------------------------------------------------------------------------------
@@ -395,7 +427,7 @@ class Filler:
             for p in batch:
                 self._known[p.key] = RESIDENT if p.state == "resident" else USERS
         for p in batch:
-            self._ignore(p.fd)
+            self._settle(p.fd)
             os.close(p.fd)
         with self._lock:
             self.stats.commits += 1  # counted once the batch is marked: status shows a finished commit
@@ -413,3 +445,23 @@ def _fd_path(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return f"fd {fd}"
+
+
+def _reserve(numbers: dict[int, tuple[int, bytes]]) -> list[int]:
+    """Occupy each free fd number in numbers (with /dev/null) so no new event fd can take it."""
+    reserved = []
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    for n in numbers:
+        if n == null:
+            reserved.append(n)
+            continue
+        try:
+            os.fstat(n)
+            continue  # ours already: no event fd can get that number either
+        except OSError:
+            pass
+        os.dup2(null, n, inheritable=False)
+        reserved.append(n)
+    if null not in reserved:
+        os.close(null)
+    return reserved

@@ -49,8 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tree_fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
     filler = Filler(group, tree_fd, paths, source, policy, journal)
-    filler.recover(tree_fd)
-    filler.start()
+    filler.take_over(tree_fd)
     stop = threading.Event()
 
     def handle(req: dict[str, Any]) -> dict[str, Any]:
