@@ -28,6 +28,7 @@ from hsmfs.control import RuntimeRecord
 from hsmfs.errors import HsmfsError
 from hsmfs.filler import IGNORE, MASK
 from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import syncfs
 from hsmfs.policy import load_policy
 from hsmfs.process import setup_logging
 from hsmfs.views import attach, detach, ns_path
@@ -36,7 +37,9 @@ log = logging.getLogger("hsmfs.daemon")
 
 GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
     | fan.FAN_UNLIMITED_MARKS
-EVENT_FLAGS = os.O_RDWR | os.O_LARGEFILE  # fills are written through the event fd (kernel-facts §4)
+# read-only: a reader on a read-only mount (overlayfs's lower layer) must get an event fd too; the
+# filler writes through its own fd on the store instead (hsmfs.filler._fill)
+EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 POLL = 0.2  # seconds between looks at the filler and the view
 BACKOFF_MAX = 5.0
 
@@ -58,7 +61,7 @@ def mark_tree(group: int, root: str) -> tuple[int, int]:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                if tree.file_state(tree.read_record(path), st) == "stub":
+                if tree.file_state(tree.read_record(path), st) in ("stub", "unverified"):
                     fan.mark(group, fan.FAN_MARK_ADD, MASK, fan.AT_FDCWD, path)
                     stubs += 1
                 else:
@@ -73,6 +76,65 @@ def view_alive(group: int) -> bool:
     """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
     with open(f"/proc/self/fdinfo/{group}") as f:
         return any(line.startswith("fanotify mnt_id:") for line in f)
+
+
+def begin_session(store: tree.Store) -> int:
+    """Record that a session serves the store; after an unclean end, distrust resident records.
+
+    fdatasync and O_DSYNC make a user's bytes durable but not the mtime that tells a resident
+    file was written: after a crash a "resident" record may hide user data. Such records become
+    "unverified" (durably, before anything is served): the next access compares the file with
+    its source. Returns how many were downgraded.
+    """
+    downgraded = 0
+    if store.mounted:
+        for dirpath, _dirs, files in os.walk(store.tree):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    rec = tree.read_record(path)
+                    if rec is not None and rec.state == "resident":
+                        tree.write_record(path, rec.with_state("unverified"))
+                        downgraded += 1
+                except (OSError, tree.RecordError) as e:
+                    log.warning("cannot downgrade %s: %s", path, e)
+        fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+        log.warning("the last session of %s ended uncleanly: %d resident files will be compared with "
+                    "the source on their next access", store.path, downgraded)
+    store.mounted = True
+    store.save()
+    return downgraded
+
+
+def end_session(store: tree.Store) -> None:
+    """After a clean stop (every fill committed): resident records can be trusted again."""
+    fresh = tree.Store.load(store.path) or store
+    fresh.mounted = False
+    fresh.save()
+
+
+def new_group() -> int:
+    """The fanotify group of one hsmfs mount (whoever holds it keeps pending events blocked)."""
+    return fan.init(GROUP_FLAGS, EVENT_FLAGS)
+
+
+def attach_view(group: int, store: tree.Store, target: str, *, nsfd: Optional[int] = None,
+                namespace: Optional[str] = None) -> int:
+    """Mark the tree, then attach the marked view at target; returns the view's mount id.
+
+    Shared by the supervisor and the systemd service (hsmfs.systemd).
+    """
+    begin_session(store)
+    stubs, settled = mark_tree(group, store.tree)
+    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd)
+    where = f"{target} in namespace {namespace}" if namespace else target
+    log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,
+             where, mnt_id, stubs, settled)
+    return mnt_id
 
 
 class Supervisor:
@@ -105,14 +167,10 @@ class Supervisor:
         return proc, r
 
     def run(self, ready_fd: int) -> int:
-        self.group = fan.init(GROUP_FLAGS, EVENT_FLAGS)
+        self.group = new_group()
         if self.namespace is not None:
             self.nsfd = os.open(ns_path(self.namespace), os.O_RDONLY | os.O_CLOEXEC)
-        stubs, settled = mark_tree(self.group, self.store.tree)
-        mnt_id = attach(self.group, self.store.tree, self.target, MASK, nsfd=self.nsfd)
-        where = f"{self.target} in namespace {self.namespace}" if self.namespace else self.target
-        log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", self.store.source,
-                 where, mnt_id, stubs, settled)
+        mnt_id = attach_view(self.group, self.store, self.target, nsfd=self.nsfd, namespace=self.namespace)
         rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                            source=self.store.source, target=self.target, namespace=self.namespace,
                            mnt_id=mnt_id, log=self.log_path)
@@ -164,9 +222,12 @@ class Supervisor:
             if proc.poll() is None:
                 proc.terminate()  # our own child
                 proc.wait()
+            stopped = proc.poll() == 0  # the filler committed everything it filled
             rt.remove()
             # only now: closing the last holder of the group allows whatever is still pending
             os.close(self.group)
+            if stopped:
+                end_session(self.store)
         log.info("stopped")
         return 0
 

@@ -8,7 +8,10 @@ field      bytes  meaning
 =========  =====  ===============================================================================
 version    1      schema version; this module writes and reads ``1``
 state      1      0 ``stub`` (no data yet), 1 ``resident`` (all data, committed durably),
-                  2 ``dirty`` (a user changed the file: never refetched, never evicted)
+                  2 ``dirty`` (a user changed the file: never refetched, never evicted),
+                  3 ``unverified`` (was resident when the store's last session ended
+                  uncleanly: a user's fdatasync'd write may hide in it; compared with the
+                  source on next access)
 size       8      the source's size in bytes when the stub was made
 mtime_ns   8      the source's mtime in nanoseconds (restored after every fill)
 atime_ns   8      the source's atime in nanoseconds (restored after every fill)
@@ -45,7 +48,7 @@ from typing import Optional
 
 XATTR = "trusted.hsmfs"
 SCHEMA = 1
-STATES = ("stub", "resident", "dirty")
+STATES = ("stub", "resident", "dirty", "unverified")
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
 _RECORD = struct.Struct("<BBQqqQ")
 
@@ -94,8 +97,8 @@ def read_record(fd_or_path: int | str) -> Optional[Record]:
     return Record.decode(raw)
 
 
-def write_record(fd: int, rec: Record) -> None:
-    os.setxattr(fd, XATTR, rec.encode())
+def write_record(fd_or_path: int | str, rec: Record) -> None:
+    os.setxattr(fd_or_path, XATTR, rec.encode())
 
 
 class PathTable:
@@ -141,12 +144,12 @@ class PathTable:
 
 
 def file_state(rec: Optional[Record], st: os.stat_result) -> str:
-    """What a user sees: stub, resident, dirty, or local (not from the source)."""
+    """What a user sees: stub, resident, dirty, unverified, or local (not from the source)."""
     if rec is None:
         return "local"
     if rec.state == "dirty" or st.st_size != rec.size:
         return "dirty"
-    if rec.state == "resident" and st.st_mtime_ns != rec.mtime_ns:
+    if rec.state in ("resident", "unverified") and st.st_mtime_ns != rec.mtime_ns:
         return "dirty"
     return rec.state
 
@@ -161,13 +164,15 @@ class Store:
     """STORE/hsmfs.json: which source this store mirrors and how far populate got.
 
     Keys: ``v`` (schema 1), ``name``, ``source`` (absolute path), ``populated`` (true once every
-    entry of the source has a stub).
+    entry of the source has a stub), ``mounted`` (true while a session serves the tree; still true
+    at the next start means the last session ended uncleanly).
     """
 
     path: str
     name: str
     source: str
     populated: bool = False
+    mounted: bool = False
 
     @property
     def tree(self) -> str:
@@ -186,12 +191,13 @@ class Store:
             return None
         if d.get("v") != SCHEMA:
             raise RecordError(f"{path}/hsmfs.json: schema {d.get('v')} is not {SCHEMA}")
-        return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]))
+        return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
+                   mounted=bool(d.get("mounted", False)))
 
     def save(self) -> None:
         """Replace hsmfs.json atomically and durably (temp file, fsync, rename, fsync dir)."""
         data = json.dumps({"v": SCHEMA, "name": self.name, "source": self.source,
-                           "populated": self.populated}, indent=1).encode()
+                           "populated": self.populated, "mounted": self.mounted}, indent=1).encode()
         tmp = self.meta + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

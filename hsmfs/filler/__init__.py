@@ -93,6 +93,7 @@ class Filler:
         self.source = source
         self.policy = policy
         self.stats = Stats()
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._inflight: dict[Key, list[_Waiter]] = {}
         self._known: dict[Key, str] = {}
@@ -172,7 +173,7 @@ class Filler:
     def _refill(self, tree_fd: int, htype: int, handle: bytes) -> int:
         """Fill the file a stale event was about; the response its fd number gets."""
         try:
-            fd = open_handle(tree_fd, htype, handle, os.O_RDONLY)  # a stub: our own event fills it
+            fd = open_handle(tree_fd, htype, handle, os.O_RDONLY)
         except OSError as e:
             log.error("cannot refill a file a dead filler was filling: %s; its readers get %s", e,
                       self.policy.source_error)
@@ -182,9 +183,9 @@ class Filler:
             rec = tree.read_record(fd)
             with self._lock:
                 known = self._known.get((st.st_dev, st.st_ino))
-            if rec is None or known is not None or tree.file_state(rec, st) != "stub":
+            if rec is None or known is not None or tree.file_state(rec, st) not in ("stub", "unverified"):
                 return fan.FAN_ALLOW
-            # no inode mark raised an event for that open, so filling through a new fd is safe
+            # our own opens are allowed at once by the reader: fill here, through a writable fd
             wfd = open_handle(tree_fd, htype, handle, os.O_RDWR)
             outcome = hydrate(wfd, rec, st, self.source, self.paths.get(rec.path_id))
             if outcome == FILLED:
@@ -201,6 +202,14 @@ class Filler:
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_loop(self) -> None:
+        try:
+            self._read_events()
+        except BaseException:
+            # a filler that no longer reads would hang every reader: die, the supervisor restarts us
+            log.critical("the event reader failed; exiting so the supervisor restarts the filler", exc_info=True)
+            os._exit(70)
+
+    def _read_events(self) -> None:
         buf = bytearray(1 << 16)
         poller = select.poll()
         poller.register(self.group, select.POLLIN)
@@ -211,9 +220,15 @@ class Filler:
                 return
             try:
                 n = os.readv(self.group, [buf])
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 continue
-            except InterruptedError:
+            except OSError as e:
+                # the kernel could not open an event's fd (it denied that event): keep reading
+                log.error("reading the fanotify group failed: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    with self._lock:
+                        self._pending_cv.notify_all()  # a commit closes the fds it holds
+                    time.sleep(0.05)
                 continue
             try:
                 events = list(fan.parse(memoryview(buf)[:n]))
@@ -233,6 +248,9 @@ class Filler:
         self.stats.events += 1
         if not ev.mask & fan.PERM_EVENTS:
             os.close(ev.fd)
+            return
+        if ev.pid == self._pid:  # our own fill fds on the store: answering them is what fills
+            self._answer(ev, fan.FAN_ALLOW)
             return
         try:
             st = os.fstat(ev.fd)
@@ -318,13 +336,14 @@ class Filler:
         non-evictable inode mark goes first; a read in between through the view is answered at
         once (the file is known), through any other path it sees the file's real data.
         """
+        # by /proc path: fd may be an O_PATH fd, which fanotify_mark(fd, NULL) refuses
         try:
-            fan.mark(self.group, fan.FAN_MARK_REMOVE, MASK, fd, None)
+            fan.mark(self.group, fan.FAN_MARK_REMOVE, MASK, fan.AT_FDCWD, _proc(fd))
         except OSError as e:
             if e.errno != errno.ENOENT:
                 log.warning("removing the stub mark failed: %s", e)
         try:
-            fan.mark(self.group, IGNORE, MASK, fd, None)
+            fan.mark(self.group, IGNORE, MASK, fan.AT_FDCWD, _proc(fd))
         except OSError as e:
             log.warning("ignore mark failed: %s", e)
 
@@ -335,11 +354,18 @@ class Filler:
         src: Optional[str] = None
         outcome: Optional[str] = None
         response = fan.FAN_ALLOW
+        wfd = -1
         try:
             rec = tree.read_record(ev.fd)
-            if rec is not None:
+            if rec is not None and rec.state in ("stub", "unverified"):
                 src = self.paths.get(rec.path_id)
-            outcome = hydrate(ev.fd, rec, st, self.source, src or "")
+                # Event fds are read-only: a reader on a read-only mount (overlayfs's copy of its
+                # lower layer, a ro bind mount) must get one too. The bytes go through our own fd
+                # on the store, whose events this process answers itself (_dispatch).
+                wfd = open_handle(self.store_fd, *handle_of(ev.fd), os.O_RDWR)
+                outcome = hydrate(wfd, rec, os.fstat(wfd), self.source, src)
+            else:
+                outcome = hydrate(ev.fd, rec, st, self.source, "")  # nothing to write: settled
         except (FillError, tree.RecordError, OSError) as e:
             what = src or _fd_path(ev.fd)
             log.error("cannot fill %s from %s: %s; readers get %s, the stub stays a stub",
@@ -364,17 +390,20 @@ class Filler:
                 self._answer_waiter(w, response)
             if w.ev.fd != ev.fd:
                 os.close(w.ev.fd)
-        if outcome is None:
+        if outcome is None or wfd < 0 or rec is None:
+            if outcome is not None:
+                self._settle(ev.fd)
             os.close(ev.fd)
+            if wfd >= 0:
+                os.close(wfd)
             return
-        if rec is not None and (outcome == FILLED or (outcome == USERS and rec.state == "stub")):
-            with self._lock:
-                self._pending.append(_Pending(key, ev.fd, rec, "resident" if outcome == FILLED else "dirty"))
-                if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
-                    self._pending_cv.notify_all()
-            return
-        self._settle(ev.fd)
+        # the store fd, not an event fd, waits for the commit: an event fd pins the mount the
+        # reader used (the view, a bind mount), keeping it busy
         os.close(ev.fd)
+        with self._lock:
+            self._pending.append(_Pending(key, wfd, rec, "resident" if outcome == FILLED else "dirty"))
+            if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
+                self._pending_cv.notify_all()
 
     # -- committing ------------------------------------------------------------------------------
     def _commit_loop(self) -> None:
@@ -412,7 +441,7 @@ class Filler:
         try:
             syncfs(self.store_fd)
             for p in batch:
-                tree.write_record(p.fd, p.rec.with_state(p.state))
+                tree.write_record(_proc(p.fd), p.rec.with_state(p.state))
             syncfs(self.store_fd)
         except OSError as e:
             # nothing is marked: the next access re-checks each file against its source
@@ -438,6 +467,10 @@ class Filler:
             d["inflight"] = len(self._inflight)
             d["pending_commit"] = len(self._pending)
             return d
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
 
 
 def _fd_path(fd: int) -> str:

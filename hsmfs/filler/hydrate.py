@@ -62,24 +62,25 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
     state = tree.file_state(rec, st)
     if state == "resident":
         return RESIDENT
-    if state != "stub":
+    if state not in ("stub", "unverified"):
         return USERS
     size = rec.size
-    regions = _data_regions(fd, size) if st.st_blocks else []
+    regions = _data_regions(fd, size) if st.st_blocks or state == "unverified" else []
     try:
         if not regions:
             source.fill(src, fd, size)
         else:
-            # left over from a fill or a user write before a crash: keep what's there if it is
-            # the source's; any other byte means a user wrote it
+            # left over from a fill or from user writes before a crash: bytes equal to the
+            # source's were ours, any other byte is a user's and stays; every hole gets the
+            # source's bytes either way (a write made durable by O_DSYNC or a ranged msync leaves
+            # the rest of an uncommitted fill as holes, which must not read as zeros)
             src_fd = source.open(src)
             try:
-                if os.fstat(src_fd).st_size != size:
-                    raise FillError(f"source file changed size since the stub was made "
-                                    f"({os.fstat(src_fd).st_size} bytes, stub says {size})")
-                for start, end in regions:
-                    if not _same_as_source(fd, src_fd, start, end):
-                        return USERS
+                sst = os.fstat(src_fd)
+                if sst.st_size != size or sst.st_mtime_ns != rec.mtime_ns:
+                    raise FillError(f"source file changed since the stub was made ({sst.st_size} bytes, "
+                                    f"mtime {sst.st_mtime_ns}; stub says {size}, {rec.mtime_ns})")
+                users = not all(_same_as_source(fd, src_fd, start, end) for start, end in regions)
                 pos = 0
                 for start, end in [*regions, (size, size)]:
                     if pos < start:
@@ -87,6 +88,8 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
                     pos = end
             finally:
                 os.close(src_fd)
+            if users:
+                return USERS
     except FileNotFoundError as e:
         raise FillError(f"source file is gone: {e.strerror}") from None
     except OSError as e:
