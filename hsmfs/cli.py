@@ -102,6 +102,16 @@ def mount(
     Builds the stub tree in the store if it is not there yet (resuming an interrupted build),
     starts the filler in the background and returns once the view is live.
     """
+    st, tgt = prepare_mount(source, target, name=name, store=store, config=config, namespace=namespace)
+    _start_daemon(st, tgt, namespace, config)
+
+
+def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store: Optional[str] = None,
+                  config: Optional[str] = None, namespace: Optional[str] = None) -> tuple[tree.Store, str]:
+    """Everything ``hsmfs mount`` does before it starts the filler: checks, store, stub tree.
+
+    Returns the store and the resolved target. mount.hsmfs calls it too (hsmfs.mounthelper).
+    """
     _need_root("hsmfs mount")
     load_policy(config)  # a bad policy fails here, before anything changes
     src = os.path.abspath(source)
@@ -151,7 +161,7 @@ def mount(
         st.save()
     if not st.populated:
         _populate(src, st)
-    _start_daemon(st, tgt, namespace, config)
+    return st, tgt
 
 
 def _populate(src: str, st: tree.Store) -> None:
@@ -380,7 +390,28 @@ def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.
         raise typer.Exit(Unavailable.exit_code)
 
 
+@app.command("install-units")
+def install_units(
+    root: str = typer.Option("/", "--root", help="Install under this directory instead of /."),
+) -> None:
+    """Install hsmfs@.service in ROOT/etc/systemd/system and link ROOT/sbin/mount.hsmfs to hsmfs.
+
+    Then mount -t hsmfs, fstab lines and .mount units with Type=hsmfs work (docs/systemd.md).
+    Runs systemctl daemon-reload when ROOT is / and systemd is running.
+    """
+    from hsmfs.systemd import install_units as install
+
+    if os.path.realpath(root) == "/":
+        _need_root("hsmfs install-units")
+    for line in install(root):
+        print(f"hsmfs: {line}", file=sys.stderr)
+
+
 def main() -> None:
+    if os.path.basename(sys.argv[0]) == "mount.hsmfs" or os.path.basename(sys.argv[0]).startswith("mount.hsmfs."):
+        from hsmfs.mounthelper import main as mount_helper  # /sbin/mount.hsmfs -> hsmfs
+
+        sys.exit(mount_helper(sys.argv[1:]))
     try:
         app()
     except HsmfsError as e:

@@ -2,6 +2,9 @@
 
 It inherits the group fd, answers what a dead predecessor left pending (journal, then sweep),
 and only then reads new events. It never imports typer, rich or pyroute2.
+
+``python -m hsmfs.filler --systemd MOUNTPOINT`` is hsmfs@.service's main process instead: it holds
+the group itself, with systemd's fd store as the supervisor (hsmfs.systemd).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hsmfs import tree
 from hsmfs.control import RUN_DIR, Server
 from hsmfs.filler import Filler
 from hsmfs.filler.journal import Journal
-from hsmfs.policy import load_policy
+from hsmfs.policy import Policy, load_policy
 from hsmfs.process import raise_fd_limit, setup_logging
 from hsmfs.sources.local import LocalSource
 from hsmfs.views import detach
@@ -26,7 +29,58 @@ from hsmfs.views import detach
 log = logging.getLogger("hsmfs.filler")
 
 
+class Serving:
+    """A running filler and its control socket; the supervisor's child and the systemd service share it.
+
+    Construction answers what a dead predecessor left pending (journal, then sweep) and only then
+    starts reading new events.
+    """
+
+    def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
+                 ns_file: Optional[str] = None, restarts: int = 0) -> None:
+        self.target = target
+        self.ns_file = ns_file
+        self.restarts = restarts
+        self.source = LocalSource(store.source)
+        self.paths = tree.PathTable(store.path)
+        self.tree_fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
+        self.filler = Filler(group, self.tree_fd, self.paths, self.source, policy, self.journal)
+        self.filler.take_over(self.tree_fd)
+        self.server = Server(store.name, self.handle)
+        self.server.start()
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status()}
+        if op == "umount":
+            self.filler.flush()  # event fds held for the commit keep the view busy
+            try:
+                detach(self.target, lazy=bool(req.get("lazy")), ns_file=self.ns_file)
+            except OSError as e:
+                return {"ok": False, "errno": e.errno, "error": str(e)}
+            return {"ok": True}  # whoever holds the group sees the mount go and stops us
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def close(self) -> None:
+        """Answer every event read, commit what is filled; the group stays open (it is not ours)."""
+        self.server.close()
+        self.filler.stop()
+        self.journal.close()
+        os.unlink(self.journal.path)  # every event read was answered: nothing for a successor
+        os.close(self.tree_fd)
+        self.paths.close()
+        self.source.close()
+        log.info("filler stopped: %s", self.filler.status())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["--systemd"]:  # hsmfs@.service: this process is the unit's main process
+        from hsmfs.systemd import main as service_main
+
+        return service_main(args_in[1:])
     ap = argparse.ArgumentParser(prog="hsmfs.filler")
     ap.add_argument("--group-fd", type=int, required=True)
     ap.add_argument("--store", required=True)
@@ -35,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--restarts", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
     policy = load_policy(args.config)
     setup_logging(policy.log_level)
     raise_fd_limit()
@@ -43,43 +97,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if store is None:
         log.error("%s is not an hsmfs store", args.store)
         return 66
-    group: int = args.group_fd
-    source = LocalSource(store.source)
-    paths = tree.PathTable(store.path)
-    tree_fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
-    filler = Filler(group, tree_fd, paths, source, policy, journal)
-    filler.take_over(tree_fd)
+    serving = Serving(args.group_fd, store, args.target, policy, ns_file=args.ns_file, restarts=args.restarts)
     stop = threading.Event()
-
-    def handle(req: dict[str, Any]) -> dict[str, Any]:
-        op = req.get("op")
-        if op == "status":
-            return {"ok": True, "filler_pid": os.getpid(), "restarts": args.restarts, "filler": filler.status()}
-        if op == "umount":
-            filler.flush()  # event fds held for the commit keep the view busy
-            try:
-                detach(args.target, lazy=bool(req.get("lazy")), ns_file=args.ns_file)
-            except OSError as e:
-                return {"ok": False, "errno": e.errno, "error": str(e)}
-            return {"ok": True}  # the supervisor sees the mount go and stops us
-        return {"ok": False, "error": f"unknown op {op!r}"}
-
-    server = Server(store.name, handle)
-    server.start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     os.write(args.ready_fd, b"ready\n")
     os.close(args.ready_fd)
     stop.wait()
-    server.close()
-    filler.stop()  # every event read has been answered; the supervisor still holds the group
-    journal.reset()
-    journal.close()
-    os.close(tree_fd)
-    paths.close()
-    source.close()
-    log.info("filler stopped: %s", filler.status())
+    serving.close()  # every event read has been answered; the supervisor still holds the group
     return 0
 
 
