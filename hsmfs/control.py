@@ -49,7 +49,8 @@ class RuntimeRecord:
         os.rename(path + ".tmp", path)
 
     def remove(self) -> None:
-        for p in (os.path.join(RUN_DIR, self.name + ".json"), self.socket):
+        for p in (os.path.join(RUN_DIR, self.name + ".json"), self.socket,
+                  os.path.join(RUN_DIR, self.name + ".journal")):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -129,11 +130,11 @@ class Server:
     def _one(self, conn: socket.socket) -> None:
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", cred)
+        conn.settimeout(10)
+        line = conn.makefile("rb").readline(1 << 16)  # read first: a refused client's send must not EPIPE
         if uid != 0:
             _send(conn, {"ok": False, "error": "root only"})
             return
-        conn.settimeout(10)
-        line = conn.makefile("rb").readline(1 << 16)
         try:
             req = json.loads(line)
             if not isinstance(req, dict):

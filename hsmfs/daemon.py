@@ -31,7 +31,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
 from hsmfs.policy import load_policy
 from hsmfs.process import setup_logging
-from hsmfs.views import attach, detach, ns_path
+from hsmfs.views import attach, detach, ns_path, source_restrictions
 
 log = logging.getLogger("hsmfs.daemon")
 
@@ -130,7 +130,7 @@ def attach_view(group: int, store: tree.Store, target: str, *, nsfd: Optional[in
     """
     begin_session(store)
     stubs, settled = mark_tree(group, store.tree)
-    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd)
+    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=source_restrictions(store.source))
     where = f"{target} in namespace {namespace}" if namespace else target
     log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,
              where, mnt_id, stubs, settled)

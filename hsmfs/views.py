@@ -8,7 +8,16 @@ import subprocess
 from typing import Callable, Optional
 
 from hsmfs.linux import fanotify as fan
-from hsmfs.linux.mount import move_mount, open_tree_clone, setns, umount
+from hsmfs.linux.mount import (
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID,
+    mount_setattr,
+    move_mount,
+    open_tree_clone,
+    setns,
+    umount,
+)
 
 
 def ns_path(namespace: str) -> str:
@@ -24,7 +33,19 @@ def mount_id(fd: int) -> int:
     raise OSError(f"no mnt_id in fdinfo of fd {fd}")
 
 
-def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None) -> int:
+def source_restrictions(source: str) -> int:
+    """MOUNT_ATTR_NOSUID/NODEV/NOEXEC for each of nosuid, nodev, noexec the source's mount has.
+
+    A view is a clone of the store's mount: without these, a setuid binary or a device node from a
+    nosuid/nodev source would work through the view and hand its powers to any user.
+    """
+    flags = os.statvfs(source).f_flag
+    return ((MOUNT_ATTR_NOSUID if flags & os.ST_NOSUID else 0) | (MOUNT_ATTR_NODEV if flags & os.ST_NODEV else 0)
+            | (MOUNT_ATTR_NOEXEC if flags & os.ST_NOEXEC else 0))
+
+
+def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
+           restrict: int = 0) -> int:
     """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
 
     With nsfd, the move happens in that mount namespace, from a forked child: setns(CLONE_NEWNS)
@@ -33,6 +54,8 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
     """
     mfd = open_tree_clone(tree)
     try:
+        if restrict:
+            mount_setattr(mfd, restrict)
         fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT, mask, mfd, ".")
         mnt = mount_id(mfd)
         if nsfd is None:

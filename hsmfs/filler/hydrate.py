@@ -67,29 +67,31 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
     size = rec.size
     regions = _data_regions(fd, size) if st.st_blocks or state == "unverified" else []
     try:
-        if not regions:
-            source.fill(src, fd, size)
-        else:
-            # left over from a fill or from user writes before a crash: bytes equal to the
+        src_fd = source.open(src)
+        try:
+            # the source must still be what the stub describes: other bytes under the stub's old
+            # metadata would be wrong, and could show a file its owner has since made private
+            sst = os.fstat(src_fd)
+            if sst.st_size != size:
+                raise FillError(f"source file changed size since the stub was made: {sst.st_size} bytes, "
+                                f"stub says {size}")
+            if sst.st_mtime_ns != rec.mtime_ns:
+                raise FillError(f"source file changed since the stub was made: mtime {sst.st_mtime_ns}, "
+                                f"stub says {rec.mtime_ns}")
+            # Left over from a fill or from user writes before a crash: bytes equal to the
             # source's were ours, any other byte is a user's and stays; every hole gets the
             # source's bytes either way (a write made durable by O_DSYNC or a ranged msync leaves
-            # the rest of an uncommitted fill as holes, which must not read as zeros)
-            src_fd = source.open(src)
-            try:
-                sst = os.fstat(src_fd)
-                if sst.st_size != size or sst.st_mtime_ns != rec.mtime_ns:
-                    raise FillError(f"source file changed since the stub was made ({sst.st_size} bytes, "
-                                    f"mtime {sst.st_mtime_ns}; stub says {size}, {rec.mtime_ns})")
-                users = not all(_same_as_source(fd, src_fd, start, end) for start, end in regions)
-                pos = 0
-                for start, end in [*regions, (size, size)]:
-                    if pos < start:
-                        copy_range(src_fd, fd, pos, start)
-                    pos = end
-            finally:
-                os.close(src_fd)
-            if users:
-                return USERS
+            # the rest of an uncommitted fill as holes, which must not read as zeros).
+            users = not all(_same_as_source(fd, src_fd, start, end) for start, end in regions)
+            pos = 0
+            for start, end in [*regions, (size, size)]:
+                if pos < start:
+                    copy_range(src_fd, fd, pos, start)
+                pos = end
+        finally:
+            os.close(src_fd)
+        if users:
+            return USERS
     except FileNotFoundError as e:
         raise FillError(f"source file is gone: {e.strerror}") from None
     except OSError as e:

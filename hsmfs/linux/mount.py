@@ -54,3 +54,23 @@ def umount(path: str, *, lazy: bool = False) -> None:
 def setns(fd: int, nstype: int = CLONE_NEWNS) -> None:
     """setns(2). CLONE_NEWNS needs a single-threaded caller (EINVAL otherwise)."""
     check(libc.setns(fd, nstype), "setns")
+
+
+# mount_setattr(2): x86_64 syscall 442; include/uapi/linux/mount.h
+NR_mount_setattr = 442
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(fd: int, attr_set: int) -> None:
+    """Set mount attributes (MOUNT_ATTR_*) on the mount fd refers to (an open_tree fd)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    check(libc.syscall(NR_mount_setattr, ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_uint(AT_EMPTY_PATH),
+                       ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")

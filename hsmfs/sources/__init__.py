@@ -6,21 +6,16 @@ from typing import Protocol
 
 
 class Source(Protocol):
-    """What the filler needs from a source: the bytes of one object, written into an fd."""
+    """What the filler needs from a source: a readable fd per object."""
 
     def describe(self) -> str:
         """A human-readable name for logs ("/srv/data", "s3://bucket/prefix")."""
         ...
 
     def open(self, rel: str) -> int:
-        """A readable fd of the object rel (used to compare partially filled files)."""
-        ...
+        """A readable fd of the object rel; OSError (ENOENT, ELOOP, ...) when it cannot be had.
 
-    def fill(self, rel: str, dst_fd: int, size: int) -> None:
-        """Write the object's bytes [0, size) into dst_fd at the same offsets.
-
-        Raises OSError (with the file named in the message) if the object is gone, unreadable
-        or no longer size bytes long. Writes nothing but the source's bytes.
+        The filler checks its size and mtime against the stub's record, then copies from it.
         """
         ...
 

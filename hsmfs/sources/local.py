@@ -8,10 +8,6 @@ import os
 from hsmfs.linux.fs import open_beneath
 
 
-class SourceChanged(OSError):
-    pass
-
-
 class LocalSource:
     """Reads objects beneath one directory, never following symlinks out of it."""
 
@@ -25,16 +21,6 @@ class LocalSource:
     def open(self, rel: str) -> int:
         """A read-only fd for the object rel, opened beneath the root without following symlinks."""
         return open_beneath(self._rootfd, rel, os.O_RDONLY)
-
-    def fill(self, rel: str, dst_fd: int, size: int) -> None:
-        fd = self.open(rel)
-        try:
-            actual = os.fstat(fd).st_size
-            if actual != size:
-                raise SourceChanged(errno.EIO, f"source file changed size: {actual} bytes, stub says {size}")
-            copy_range(fd, dst_fd, 0, size)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         os.close(self._rootfd)
