@@ -141,10 +141,11 @@ class View:
             self.mounted = False
         if os.path.isdir(self.target) and not is_mountpoint(self.target):
             os.rmdir(self.target)
-        try:
-            os.unlink(f"/var/log/hsmfs/{self.name}.log")
-        except FileNotFoundError:
-            pass
+        for leftover in (f"/var/log/hsmfs/{self.name}.log", f"/run/hsmfs/{self.name}.journal"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
 
 
 def _wait_gone(pid: int, timeout: float = 20) -> None:

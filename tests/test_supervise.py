@@ -121,6 +121,9 @@ while time.monotonic() < end:
     except OSError as e:
         err += 1
         continue
+    if data is None:  # buffered read() returns None for EAGAIN instead of raising
+        err += 1
+        continue
     print(name, hashlib.sha256(data).hexdigest(), flush=True)
     ok += 1
 print("DONE", ok, err, flush=True)
