@@ -262,6 +262,17 @@ class Filler:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event mask=%#x fd=%d pid=%d range=%d+%d ino=%d", ev.mask, ev.fd, ev.pid, ev.offset,
                       ev.count, st.st_ino)
+        with self._lock:
+            known = self._known.get(key)
+            busy = key in self._inflight
+        if known is None and not busy and self._settled_on_disk(ev.fd, st):
+            # resident (or a user's own file) whose evictable mark went with its inode, after a
+            # cache drop or a restart: re-mark and allow here, no journal, no worker, no fill
+            with self._lock:
+                self._known.setdefault(key, RESIDENT)
+            self._settle(ev.fd)
+            self._answer(ev, fan.FAN_ALLOW)
+            return
         with self._lock:  # lock order: self._lock, then the journal's
             known = self._known.get(key)
             if known is None:
@@ -277,6 +288,15 @@ class Filler:
             self._answer(ev, fan.FAN_ALLOW)
             return
         self._pool.submit(self._fill, key, ev, st)
+
+    @staticmethod
+    def _settled_on_disk(fd: int, st: os.stat_result) -> bool:
+        """Whether the file needs nothing from us: resident, or without a record (a user's)."""
+        try:
+            rec = tree.read_record(fd)
+        except (OSError, tree.RecordError):
+            return False  # the fill path reports it
+        return rec is None or tree.file_state(rec, st) == "resident"
 
     def _journal_read(self, fd: int) -> bool:
         if self.journal is None:
