@@ -111,9 +111,3 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     path = os.path.realpath(path)
     with open(mountinfo) as f:
         return any(_unescape(line.split(" ", 5)[4]) == path for line in f)
-
-
-def is_mounted(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    with open(mountinfo) as f:
-        return any(line.split(" ", 1)[0] == str(mnt_id) for line in f)
-

@@ -25,7 +25,6 @@ FS_MAGIC = {
 # kernel-facts §2: only these opt in to pre-content marks (FS_ALLOW_HSM)
 HSM_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
 
-FICLONE = 0x40049409  # include/uapi/linux/fs.h: _IOW(0x94, 9, int)
 
 libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 libc.syncfs.argtypes = [ctypes.c_int]
@@ -42,11 +41,6 @@ def fs_type(path: str) -> str:
 def syncfs(fd: int) -> None:
     """Flush every dirty page and the journal of the filesystem holding fd."""
     check(libc.syncfs(fd), "syncfs")
-
-
-def clone_file(src_fd: int, dst_fd: int) -> None:
-    """Share src's extents with dst (reflink); OSError EXDEV/EOPNOTSUPP/EINVAL where impossible."""
-    fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
 # openat2(2): x86_64 syscall 437; include/uapi/linux/openat2.h
