@@ -31,7 +31,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
 from hsmfs.policy import load_policy
 from hsmfs.process import setup_logging
-from hsmfs.views import attach, detach, ns_path, source_restrictions
+from hsmfs.views import attach, detach, marked_mount, ns_path, source_restrictions
 
 log = logging.getLogger("hsmfs.daemon")
 
@@ -74,8 +74,7 @@ def mark_tree(group: int, root: str) -> tuple[int, int]:
 
 def view_alive(group: int) -> bool:
     """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
-    with open(f"/proc/self/fdinfo/{group}") as f:
-        return any(line.startswith("fanotify mnt_id:") for line in f)
+    return marked_mount(group) is not None
 
 
 def begin_session(store: tree.Store) -> int:

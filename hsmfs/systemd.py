@@ -45,7 +45,7 @@ from hsmfs.daemon import attach_view, end_session, new_group, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
 from hsmfs.policy import load_policy
 from hsmfs.process import raise_fd_limit, setup_logging
-from hsmfs.views import detach, is_mountpoint
+from hsmfs.views import detach, is_mountpoint, marked_mount
 
 log = logging.getLogger("hsmfs.systemd")
 
@@ -207,7 +207,7 @@ class Service:
                                     hint=f"mount it with: mount -t hsmfs SOURCE {self.target} [-o store=DIR]")
             if group is not None and view_alive(group):
                 log.info("took the group back from the fd store; the view at %s stayed live", self.target)
-                mnt_id = _view_mount_id(group)
+                mnt_id = marked_mount(group) or -1
             else:
                 if is_mountpoint(self.target):
                     raise Busy(f"{self.target} is already a mount point, and not this unit's view")
@@ -277,14 +277,6 @@ class Service:
                 probe()  # takes the filler's lock: a wedged filler stops the pings, systemd restarts it
                 sdnotify.notify("WATCHDOG=1")
                 last = time.monotonic()
-
-
-def _view_mount_id(group: int) -> int:
-    with open(f"/proc/self/fdinfo/{group}") as f:
-        for line in f:
-            if line.startswith("fanotify mnt_id:"):
-                return int(line.split(":", 1)[1].split()[0], 16)
-    return -1
 
 
 def main(argv: list[str]) -> int:

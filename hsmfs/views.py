@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.mount import (
@@ -111,3 +112,190 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     path = os.path.realpath(path)
     with open(mountinfo) as f:
         return any(_unescape(line.split(" ", 5)[4]) == path for line in f)
+
+
+def marked_mount(group: int) -> Optional[int]:
+    """The mount id of the group's mount mark (the view, attached or lazily detached), None once it is gone."""
+    with open(f"/proc/self/fdinfo/{group}") as f:
+        for line in f:
+            if line.startswith("fanotify mnt_id:"):
+                return int(line.split(":", 1)[1].split()[0], 16)
+    return None
+
+
+# --- other mounts of a tree ------------------------------------------------------------------------
+#
+# The view's mount mark covers the view alone; the stubs' inode marks cover every other path to the
+# tree, but only while the group lives (docs/unwatched.md). These find the mounts that reach the
+# tree without being the view, in every mount namespace, so that the group is not given up while
+# one of them can still read a stub.
+
+Kind = Literal["bind mount", "namespace copy", "overlay"]
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/PID/mountinfo (proc(5)); paths unescaped."""
+
+    mnt_id: int
+    parent: int
+    dev: str  # "major:minor" of the filesystem (not st_dev, which differs per btrfs subvolume)
+    root: str  # the mount's root within its filesystem
+    point: str  # where it is mounted, as the namespace's processes see it
+    shared: Optional[int]  # peer group
+    master: Optional[int]  # the peer group it receives propagation from
+    fstype: str
+    options: str  # per-superblock options (overlayfs: its layers)
+
+    @classmethod
+    def parse(cls, line: str) -> MountEntry:
+        f = line.rstrip("\n").split(" ")
+        sep = f.index("-", 6)
+        tags = dict(t.partition(":")[::2] for t in f[6:sep])
+        return cls(int(f[0]), int(f[1]), f[2], _unescape(f[3]), _unescape(f[4]),
+                   int(tags["shared"]) if "shared" in tags else None,
+                   int(tags["master"]) if "master" in tags else None, f[sep + 1], f[sep + 3])
+
+    def layers(self) -> list[str]:
+        """An overlay's lower, data and upper directories (absolute paths only), as its mounter named them."""
+        out: list[str] = []
+        for opt in self.options.split(","):  # a comma in a path is escaped as \054
+            key, _, value = opt.partition("=")
+            if key == "lowerdir":  # lowerdir=a:b::c (\: is a colon in a name)
+                out += [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", value) if p]
+            elif key in ("lowerdir+", "datadir+", "upperdir"):
+                out.append(value)
+        return [_unescape(p) for p in out if p.startswith("/")]
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    with open(path) as f:
+        return [MountEntry.parse(line) for line in f]
+
+
+@dataclass(frozen=True)
+class OtherMount:
+    """A mount other than the view through which a tree's files can be read."""
+
+    kind: Kind
+    point: str  # in the namespace of pid
+    pid: int  # a process that shows its mount namespace
+    here: bool  # in the caller's own mount namespace
+
+    def __str__(self) -> str:
+        where = "" if self.here else f" in the mount namespace of pid {self.pid}"
+        if self.kind == "overlay":
+            return f"under an overlay at {self.point}{where}"
+        if self.here:
+            return f"at {self.point} (bind mount)"
+        return f"{where.strip()} at {self.point}"
+
+
+def ns_inode(ns_file: Optional[str] = None) -> int:
+    """The inode number that identifies a mount namespace (default: the caller's)."""
+    return os.stat(ns_file or "/proc/self/ns/mnt").st_ino
+
+
+def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
+                 view_id: Optional[int] = None) -> list[OtherMount]:
+    """Every mount of tree (a directory on the store) but the view, in every mount namespace.
+
+    Found: mounts of the store's filesystem whose root is tree or beneath it (bind mounts of the
+    view, its copies in namespaces made later), and overlays with a layer that reaches the tree:
+    through such a mount, through the store's own path, or named target (the view's mount point in
+    view_ns, default ours: an overlay keeps its own clone of the view after the view is gone).
+    view_id is the live view's mount id: the view, and the copies that propagation will unmount
+    with it, are left out. Namespaces are read once each, from the first process that shows one.
+    """
+    here = ns_inode()
+    view_ns = here if view_ns is None else view_ns
+    tables: dict[int, tuple[int, list[MountEntry]]] = {here: (os.getpid(), read_mountinfo())}
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            ns = ns_inode(f"/proc/{pid}/ns/mnt")
+            if ns not in tables:
+                tables[ns] = (pid, read_mountinfo(f"/proc/{pid}/mountinfo"))
+        except (OSError, ValueError):  # gone, a kernel thread, or a line we cannot parse
+            continue
+    real = os.path.realpath(tree)
+    store = _containing(tables[here][1], real)
+    if store is None:
+        raise OSError(f"{real} is on no mount")
+    dev, tree_root = store.dev, _join(store.root, os.path.relpath(real, store.point))
+
+    def reaches(m: MountEntry, rel: str = ".") -> bool:
+        return m.dev == dev and _beneath(_join(m.root, rel), tree_root)
+
+    views = [m for _ns, (_pid, t) in tables.items() for m in t if m.mnt_id == view_id]
+    gone_with_view = _propagation_copies(views[0], tables) if views else set()
+    found: dict[tuple[int, int], OtherMount] = {}
+    for ns, (pid, table) in tables.items():
+        for m in table:
+            if reaches(m) and m.mnt_id != view_id and (ns, m.mnt_id) not in gone_with_view:
+                found[ns, m.mnt_id] = OtherMount("bind mount" if ns == here else "namespace copy", m.point,
+                                                 pid, ns == here)
+        grown = True
+        while grown:  # an overlay over an overlay of the tree reaches it too
+            grown = False
+            for m in table:
+                if m.fstype != "overlay" or (ns, m.mnt_id) in found:
+                    continue
+                for layer in m.layers():
+                    under = _containing(table, layer)
+                    if (ns == view_ns and _beneath(layer, target)) or (under is not None and (
+                            (ns, under.mnt_id) in found or reaches(under, os.path.relpath(layer, under.point)))):
+                        found[ns, m.mnt_id] = OtherMount("overlay", m.point, pid, ns == here)
+                        grown = True
+                        break
+    return list(found.values())
+
+
+def _propagation_copies(view: MountEntry, tables: dict[int, tuple[int, list[MountEntry]]]) -> set[tuple[int, int]]:
+    """(namespace, mount id) of the copies of the view that unmounting it unmounts too.
+
+    Umount propagates to whatever is mounted at the same place under the peers and slaves of the
+    view's parent (sharedsubtree.rst): a namespace made with slave or shared propagation, or a
+    shared parent's peer, holds such a copy, and it goes with the view.
+    """
+    entries = {(ns, m.mnt_id): m for ns, (_pid, t) in tables.items() for m in t}
+    masters = {m.shared: m.master for m in entries.values() if m.shared is not None and m.master is not None}
+    parent = next((m for (_ns, i), m in entries.items() if i == view.parent), None)
+    if parent is None or parent.shared is None:
+        return set()
+    spot = _join(parent.root, os.path.relpath(view.point, parent.point))
+
+    def receives(m: MountEntry) -> bool:
+        if m.shared == parent.shared:
+            return True
+        group, seen = m.master, set()
+        while group is not None and group not in seen:
+            if group == parent.shared:
+                return True
+            seen.add(group)
+            group = masters.get(group)
+        return False
+
+    out = set()
+    for (ns, i), m in entries.items():
+        p = entries.get((ns, m.parent))
+        if p is not None and p.dev == parent.dev and receives(p) \
+                and _join(p.root, os.path.relpath(m.point, p.point)) == spot:
+            out.add((ns, i))
+    return out
+
+
+def _containing(table: list[MountEntry], path: str) -> Optional[MountEntry]:
+    """The mount that path (absolute, no symlinks) is on: the last one mounted at its deepest mount point."""
+    best: Optional[MountEntry] = None
+    for m in table:
+        if _beneath(path, m.point) and (best is None or len(m.point) >= len(best.point)):
+            best = m
+    return best
+
+
+def _beneath(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _join(root: str, rel: str) -> str:
+    return os.path.normpath(os.path.join(root, rel))
