@@ -226,14 +226,20 @@ def umount(
     _need_root("hsmfs umount")
     rt = _find(target)
     reply = request(rt.name, {"op": "umount", "lazy": lazy})
+    others = ", ".join(reply.get("other_mounts") or [])
     if not reply.get("ok"):
+        if others:
+            raise Busy(f"the tree of {rt.target} is also mounted {others}: they would read unfilled files as "
+                       "holes once its filler stops", hint="unmount those first, or use --lazy (the filler "
+                       "then serves them until the last one is gone)")
         if reply.get("errno") == 16:
             holders = _holders(rt.target) if rt.namespace is None else []
             who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
             raise Busy(f"{rt.target} is busy: {who}", hint="stop those processes, or use --lazy")
         raise HsmfsError(f"umount of {rt.target} failed: {reply.get('error')}")
     if lazy:
-        print(f"hsmfs: detached {rt.target}; its filler serves the users it still has, then exits",
+        also = f" and the other mounts of its tree ({others})" if others else ""
+        print(f"hsmfs: detached {rt.target}; its filler serves the users it still has{also}, then exits",
               file=sys.stderr)
         return
     deadline = time.monotonic() + 60
@@ -317,6 +323,8 @@ def status(
             d["filler_pid"] = reply.get("filler_pid")
             d["restarts"] = reply.get("restarts")
             d["filler"] = reply.get("filler")
+            d["view_mounted"] = reply.get("view_mounted")
+            d["other_mounts"] = reply.get("other_mounts")
         except OSError as e:
             d["running"] = False
             d["error"] = str(e)
@@ -329,6 +337,9 @@ def status(
         print("no hsmfs mounts are running")
     for d in out:
         where = d["target"] + (f" (namespace {d['namespace']})" if d["namespace"] else "")
+        if d.get("view_mounted") is False:
+            others = ", ".join(d.get("other_mounts") or [])
+            where += f" (unmounted; still serving its tree, also mounted {others})" if others else " (unmounted)"
         print(f"{d['name']}: {d['source']} -> {where}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         for state, v in d["states"].items():

@@ -10,6 +10,7 @@ the group itself, with systemd's fd store as the supervisor (hsmfs.systemd).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from hsmfs.filler.journal import Journal
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import raise_fd_limit, setup_logging
 from hsmfs.sources.local import LocalSource
-from hsmfs.views import detach
+from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
 
 log = logging.getLogger("hsmfs.filler")
 
@@ -38,8 +39,11 @@ class Serving:
 
     def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
                  ns_file: Optional[str] = None, restarts: int = 0) -> None:
+        self.group = group
+        self.tree = store.tree
         self.target = target
         self.ns_file = ns_file
+        self.view_ns = ns_inode(ns_file)
         self.restarts = restarts
         self.source = LocalSource(store.source)
         self.paths = tree.PathTable(store.path)
@@ -53,15 +57,28 @@ class Serving:
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "status":
-            return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status()}
+            view = marked_mount(self.group)
+            return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status(),
+                    "view_mounted": view is not None,
+                    "other_mounts": [] if view is not None else self.other_mounts(None)}
         if op == "umount":
+            lazy = bool(req.get("lazy"))
+            others = self.other_mounts(marked_mount(self.group))
+            if others and not lazy:  # they would read stubs as holes once the group is gone
+                return {"ok": False, "errno": errno.EBUSY, "error": "other mounts of the tree exist",
+                        "other_mounts": others}
             self.filler.flush()  # event fds held for the commit keep the view busy
             try:
-                detach(self.target, lazy=bool(req.get("lazy")), ns_file=self.ns_file)
+                detach(self.target, lazy=lazy, ns_file=self.ns_file)
             except OSError as e:
                 return {"ok": False, "errno": e.errno, "error": str(e)}
-            return {"ok": True}  # whoever holds the group sees the mount go and stops us
+            # whoever holds the group sees the view go and stops us once no other mount is left
+            return {"ok": True, "other_mounts": others}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def other_mounts(self, view_id: Optional[int]) -> list[str]:
+        """The tree's mounts other than the view (views.other_mounts: reads /proc only, never the tree)."""
+        return [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns, view_id=view_id)]
 
     def close(self) -> None:
         """Answer every event read, commit what is filled; the group stays open (it is not ours)."""
