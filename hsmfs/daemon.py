@@ -7,8 +7,10 @@ restarts it whenever it dies; the successor answers what its predecessor left pe
 reads anything new. The supervisor never reads the group and never touches the tree.
 
 It stops when the view's mount is gone (the mount mark vanishes from the group's fdinfo, which
-also covers a lazily detached view whose last user left), or on SIGTERM once the view could be
-unmounted. It reports "ready" (or "error CODE MESSAGE") on --ready-fd once the view is live.
+also covers a lazily detached view whose last user left; SIGTERM unmounts the view) and no other
+mount of the tree is left: a bind mount, a copy in a later mount namespace or an overlay over the
+view reads stubs through inode marks that only live as long as the group (OtherMountsWatch).
+It reports "ready" (or "error CODE MESSAGE") on --ready-fd once the view is live.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
 from hsmfs.policy import load_policy
 from hsmfs.process import setup_logging
-from hsmfs.views import attach, detach, marked_mount, ns_path, source_restrictions
+from hsmfs.views import attach, detach, marked_mount, ns_inode, ns_path, other_mounts, source_restrictions
 
 log = logging.getLogger("hsmfs.daemon")
 
@@ -41,6 +43,7 @@ GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | f
 # filler writes through its own fd on the store instead (hsmfs.filler._fill)
 EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 POLL = 0.2  # seconds between looks at the filler and the view
+OTHERS_POLL = 1.0  # seconds between looks for other mounts of the tree, once the view is gone
 BACKOFF_MAX = 5.0
 
 
@@ -75,6 +78,41 @@ def mark_tree(group: int, root: str) -> tuple[int, int]:
 def view_alive(group: int) -> bool:
     """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
     return marked_mount(group) is not None
+
+
+class OtherMountsWatch:
+    """Once the view is gone: whether another mount of the tree still needs the group.
+
+    A bind mount of the view, its copy in a later mount namespace or an overlay over it reads
+    stubs through their inode marks, which go with the group (docs/unwatched.md). Looked for at
+    most every OTHERS_POLL seconds (a scan reads every namespace's mountinfo); logs what is found.
+    """
+
+    def __init__(self, tree: str, target: str, view_ns: int) -> None:
+        self.tree = tree
+        self.target = target
+        self.view_ns = view_ns
+        self.next = 0.0
+        self.last: Optional[list[str]] = None
+
+    def keep_serving(self) -> bool:
+        now = time.monotonic()
+        if now < self.next:
+            return True
+        self.next = now + OTHERS_POLL
+        try:
+            found = [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns)]
+        except (OSError, ValueError) as e:  # never give the group up on a guess
+            log.error("cannot look for other mounts of %s (%s); still serving", self.tree, e)
+            return True
+        if found != self.last:
+            if found:
+                log.warning("view %s is gone, but its tree is still mounted %s: still serving until they are "
+                            "unmounted", self.target, ", ".join(found))
+            elif self.last:
+                log.info("the last other mount of the tree of %s is gone", self.target)
+            self.last = found
+        return bool(found)
 
 
 def begin_session(store: tree.Store) -> int:
@@ -176,7 +214,9 @@ class Supervisor:
         rt.save()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+        others = OtherMountsWatch(self.store.tree, self.target, ns_inode(self.ns_file))
         restarts, backoff = 0, 0.0
+        detached = False  # by a SIGTERM
         proc, ready_r = self.start_filler(restarts)
         ready_sent = False
         proc_ready = False  # whether the running filler reported ready
@@ -192,11 +232,12 @@ class Supervisor:
                         os.close(ready_fd)
                         ready_sent = True
                 code = proc.poll()
-                if not view_alive(self.group):
+                alive = view_alive(self.group)
+                if not alive and not others.keep_serving():
                     log.info("view %s is gone; stopping", self.target)
                     break
-                if self.terms and self._try_umount(lazy=self.terms > 1):
-                    break
+                if alive and self.terms and not detached:
+                    detached = self._try_umount(lazy=self.terms > 1)
                 if code is not None and not ready_sent:
                     # never live: take the view away before the group goes, or it would fail open
                     log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
@@ -234,7 +275,10 @@ class Supervisor:
         self.terms += 1
 
     def _try_umount(self, *, lazy: bool) -> bool:
-        """On SIGTERM: unmount the view first; while it is busy keep serving (a second SIGTERM detaches)."""
+        """On SIGTERM: unmount the view; while it is busy keep serving (a second SIGTERM detaches it lazily).
+
+        The supervisor stops once the view's mark is gone and no other mount of the tree is left.
+        """
         try:
             detach(self.target, lazy=lazy, ns_file=self.ns_file)
             return True

@@ -13,7 +13,9 @@ systemd is its supervisor (docs/systemd.md). On start it
 4. sends ``READY=1``, ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``, and on SIGTERM
    ``STOPPING=1``, unmounts the view and exits 0.
 
-It exits 0 by itself when the view is unmounted behind its back (``umount``, ``hsmfs umount``).
+It exits 0 by itself when the view is unmounted behind its back (``umount``, ``hsmfs umount``)
+and no other mount of the tree (a bind mount, a later namespace's copy, an overlay) is left: those
+read stubs through marks that go with the group (hsmfs.daemon.OtherMountsWatch).
 A handled failure never exits with the view mounted: the fd store is dropped when the unit stops,
 and a view whose group is gone shows stubs' holes as data.
 
@@ -41,11 +43,11 @@ from typing import Callable, Optional
 
 from hsmfs import sdnotify, tree
 from hsmfs.control import RUN_DIR, RuntimeRecord
-from hsmfs.daemon import attach_view, end_session, new_group, view_alive
+from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
 from hsmfs.policy import load_policy
 from hsmfs.process import raise_fd_limit, setup_logging
-from hsmfs.views import detach, is_mountpoint, marked_mount
+from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
 
@@ -240,21 +242,25 @@ class Service:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         sdnotify.notify(f"READY=1\nSTATUS=serving {store.source} at {self.target}")
-        self._serve(group, serving.filler.status)
-        if self.stop.is_set() and view_alive(group):  # (systemctl stop of the mount unmounted it already)
+        others = OtherMountsWatch(store.tree, self.target, ns_inode())
+        self._serve(group, serving.filler.status, others)
+        if self.stop.is_set():
             sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.target}")
-            serving.filler.flush()  # fds held for the commit keep the view busy
-            try:
-                detach(self.target, lazy=False)
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    log.warning("%s is busy: detached lazily; serving its last users until they leave or the "
-                                "stop times out (then they may read holes of unfilled files)", self.target)
-                    detach(self.target, lazy=True)
-                elif view_alive(group):
-                    log.error("cannot unmount %s: %s", self.target, e)
+            if view_alive(group):  # (systemctl stop of the mount unmounted it already)
+                serving.filler.flush()  # fds held for the commit keep the view busy
+                try:
+                    detach(self.target, lazy=False)
+                except OSError as e:
+                    if e.errno == errno.EBUSY:
+                        log.warning("%s is busy: detached lazily; serving its last users until they leave or the "
+                                    "stop times out (then they may read holes of unfilled files)", self.target)
+                        detach(self.target, lazy=True)
+                    elif view_alive(group):
+                        log.error("cannot unmount %s: %s", self.target, e)
             self.stop.clear()
-            self._serve(group, serving.filler.status)  # returns at once unless a detached view is in use
+            # returns at once unless a detached view is in use or another mount of the tree is left (then
+            # until the stop times out)
+            self._serve(group, serving.filler.status, others)
         else:
             sdnotify.notify("STOPPING=1")
         serving.close()  # every fill is committed
@@ -264,13 +270,14 @@ class Service:
         log.info("stopped")
         return 0
 
-    def _serve(self, group: int, probe: Callable[[], object]) -> None:
-        """Until SIGTERM or the view is gone; pings the watchdog while the filler answers ``probe``."""
+    def _serve(self, group: int, probe: Callable[[], object], others: OtherMountsWatch) -> None:
+        """Until SIGTERM, or the view and every other mount of its tree are gone; pings the watchdog
+        while the filler answers ``probe``."""
         usec = sdnotify.watchdog_usec()
         every = usec / 2e6 if usec else None
         last = time.monotonic()
         while not self.stop.wait(min(POLL, every) if every else POLL):
-            if not view_alive(group):
+            if not view_alive(group) and not others.keep_serving():
                 log.info("the view at %s is gone; stopping", self.target)
                 return
             if every and time.monotonic() - last >= every:
