@@ -190,8 +190,8 @@ def test_overlay_over_the_view(view: tuple[View, dict[str, bytes]], mounts: Call
         subprocess.run(["rm", "-rf", layers], check=False)
 
 
-def test_copies_that_go_with_the_view_do_not_block_it(loopfs: LoopFS, make_view: Callable[..., View],
-                                                      mounts: Callable[..., str],
+def test_copies_that_go_with_the_view_do_not_block_it(loopfs: LoopFS, mounts: Callable[..., str],
+                                                      make_view: Callable[..., View],
                                                       namespace: Callable[..., int]) -> None:
     """Under a shared mount, a slave namespace's copy of the view is unmounted with it (umount
     propagation): not a reason to refuse, and not left behind."""
