@@ -35,6 +35,8 @@ from hsmfs.views import is_mountpoint
 STORE_ROOT = "/var/lib/hsmfs"
 LOG_DIR = "/var/log/hsmfs"
 READY_TIMEOUT = 120.0
+PATHS_HELP = "Files or directories (recursively) in a view or a store."
+EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Lazy views of a source tree: stubs filled on first access (fanotify pre-content).")
@@ -388,6 +390,196 @@ def stat_cmd(
             print(f"{r['state']:<9} {r['size']:>12} {r['resident_bytes']:>12}  {r['path']}")
     if failed:
         raise typer.Exit(66)
+
+
+def _progress(total: int, label: str) -> Any:
+    """A rich progress bar over bytes on a terminal, or None."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                   TimeRemainingColumn(), transient=True)
+    bar.start()
+    bar.add_task(label, total=total)
+    return bar
+
+
+def _files(paths: list[str]) -> list[tuple[Any, list[Any]]]:
+    from hsmfs.files import collect
+
+    return collect(paths)
+
+
+@app.command()
+def evict(
+    paths: list[str] = typer.Argument(..., help=PATHS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one object per file."),
+) -> None:
+    """Turn resident files back into stubs and free their blocks.
+
+    Never evicts a file a user changed (dirty), a pinned file, or one that anyone has open or
+    mapped (checked with a write lease). Works through the filler of a running mount, and
+    directly on a store that no mount serves. Prints what it did with each file and why it
+    skipped one, then bytes freed. Exit 0, or 75 if some files were in use (try again later).
+    """
+    from hsmfs.filler.evict import FILLING, IN_USE, Outcome, evict_file
+    from hsmfs.linux.handles import handle_of
+
+    _need_root("hsmfs evict")
+    work = _files(paths)
+    total = sum(f.st.st_size for _, files in work for f in files)
+    rows: list[tuple[Any, Outcome]] = []
+    bar = _progress(total, "evict")
+    try:
+        for place, files in work:
+            if place.running is not None:
+                for i in range(0, len(files), EVICT_BATCH):
+                    batch = files[i:i + EVICT_BATCH]
+                    handles = []
+                    for f in batch:
+                        fd = os.open(f.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+                        try:
+                            htype, h = handle_of(fd)
+                        finally:
+                            os.close(fd)
+                        handles.append([htype, h.hex()])
+                    reply = request(place.running.name, {"op": "evict", "handles": handles}, timeout=300)
+                    if not reply.get("ok"):
+                        raise HsmfsError(f"the filler of {place.running.target} refused: {reply.get('error')}")
+                    for f, r in zip(batch, reply["results"]):
+                        rows.append((f, Outcome(bool(r["evicted"]), str(r["reason"]), int(r["freed"]))))
+                        if bar is not None:
+                            bar.advance(0, f.st.st_size)
+                continue
+            from hsmfs.process import ignore_lease_breaks
+            from hsmfs.sources.local import LocalSource
+
+            ignore_lease_breaks()
+            st = tree.Store.load(place.store)
+            if st is None:
+                raise SourceMissing(f"{place.store} is not an hsmfs store")
+            source, table = LocalSource(st.source), tree.PathTable(st.path)
+            try:
+                for f in files:
+                    try:
+                        fd = os.open(f.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                    except OSError as e:
+                        rows.append((f, Outcome(False, IN_USE if e.errno == 26 else f"cannot open: {e.strerror}")))
+                        continue
+                    try:
+                        rows.append((f, evict_file(fd, source, table)))
+                    finally:
+                        os.close(fd)
+                    if bar is not None:
+                        bar.advance(0, f.st.st_size)
+            finally:
+                source.close()
+                table.close()
+    finally:
+        if bar is not None:
+            bar.stop()
+    freed = sum(o.freed for _, o in rows)
+    evicted = sum(o.evicted for _, o in rows)
+    skipped = Counter(o.reason for _, o in rows if not o.evicted)
+    if as_json:
+        print(json.dumps([{"path": f.shown, **o.as_dict()} for f, o in rows], indent=1))
+    else:
+        for f, o in rows:
+            print(f"evicted  {_size(o.freed):>10}  {f.shown}" if o.evicted else f"skipped  {f.shown}: {o.reason}")
+    why = "; ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    print(f"hsmfs: evicted {evicted} files, freed {_size(freed)}" + (f"; skipped {sum(skipped.values())}: {why}"
+          if skipped else ""), file=sys.stderr)
+    if skipped[IN_USE] or skipped[FILLING]:
+        raise typer.Exit(Busy.exit_code)
+
+
+def _pin(paths: list[str], pinned: bool) -> None:
+    _need_root("hsmfs pin" if pinned else "hsmfs unpin")
+    changed = same = 0
+    for _place, files in _files(paths):
+        for f in files:
+            if tree.read_record(f.path) is None:
+                print(f"skipped  {f.shown}: not from the source (made by a user)")
+                continue
+            if tree.set_pinned(f.path, pinned):
+                changed += 1
+                print(f"{'pinned' if pinned else 'unpinned':<8} {f.shown}")
+            else:
+                same += 1
+    word = "pinned" if pinned else "unpinned"
+    print(f"hsmfs: {word} {changed} files" + (f" ({same} were {word} already)" if same else ""), file=sys.stderr)
+
+
+@app.command()
+def pin(paths: list[str] = typer.Argument(..., help=PATHS_HELP)) -> None:
+    """Never evict these files, by hand or for the space budget; kept across restarts.
+
+    Pinning does not fetch a stub: 'hsmfs prefetch' does.
+    """
+    _pin(paths, True)
+
+
+@app.command()
+def unpin(paths: list[str] = typer.Argument(..., help=PATHS_HELP)) -> None:
+    """Let these files be evicted again."""
+    _pin(paths, False)
+
+
+@app.command()
+def prefetch(
+    paths: list[str] = typer.Argument(..., help=PATHS_HELP),
+    jobs: int = typer.Option(4, "--jobs", "-j", min=1, max=256, help="Files filled at once."),
+) -> None:
+    """Fill stubs now, in parallel, before anyone reads them (progress bar on a terminal).
+
+    Needs the mount to be running. Exit 0, or 74 if some files could not be filled (the log of
+    the mount says why).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    _need_root("hsmfs prefetch")
+    todo = []
+    resident = 0
+    for place, files in _files(paths):
+        if place.running is None:
+            raise NotMounted(f"no running hsmfs mount serves {place.store}",
+                             hint="mount it first: hsmfs mount SOURCE TARGET")
+        for f in files:
+            rec = tree.read_record(f.path)
+            if rec is not None and tree.file_state(rec, f.st) in ("stub", "unverified"):
+                todo.append(f)
+            else:
+                resident += 1
+    total = sum(f.st.st_size for f in todo)
+    failed: list[str] = []
+    bar = _progress(total, "prefetch")
+    t0 = time.monotonic()
+
+    def fill(f: Any) -> None:
+        # the open is the fill: the stub's inode mark raises FAN_OPEN_PERM, the filler fills
+        # the whole file before it answers
+        try:
+            os.close(os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        except OSError as e:
+            failed.append(f"{f.shown}: {e.strerror}")
+        if bar is not None:
+            bar.advance(0, f.st.st_size)
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(fill, todo))
+    finally:
+        if bar is not None:
+            bar.stop()
+    took = time.monotonic() - t0
+    for line in failed:
+        print(f"failed   {line}", file=sys.stderr)
+    rate = f" in {took:.1f} s ({_size(total / took)}/s)" if todo and took > 0 else ""
+    print(f"hsmfs: prefetched {len(todo) - len(failed)} files ({_size(total)}){rate}; {resident} were resident "
+          "already" + (f"; {len(failed)} failed" if failed else ""), file=sys.stderr)
+    if failed:
+        raise typer.Exit(os.EX_IOERR)
 
 
 @app.command()

@@ -3,7 +3,15 @@
 Protocol (version 1): the client connects to ``/run/hsmfs/NAME.sock`` (AF_UNIX, SOCK_STREAM),
 sends one JSON object on one line, and reads one JSON object on one line back; then both close.
 
-Requests: ``{"op": "status"}`` and ``{"op": "umount", "lazy": false}``.
+Requests:
+
+- ``{"op": "status"}``: the filler's counters (and the space budget's, if any).
+- ``{"op": "umount", "lazy": false}``: unmount the view.
+- ``{"op": "evict", "handles": [[TYPE, "HEX"], ...]}``: evict the files named by their file
+  handles (``name_to_handle_at`` on the store's filesystem; at most about 1,000 per request, the
+  line is limited to 64 KiB). The reply's ``results`` has one ``{"evicted": bool, "reason": str,
+  "freed": bytes}`` per handle, in order.
+
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``.
 Peers whose SO_PEERCRED uid is not 0 get ``{"ok": false, "error": "root only"}``.
 Runtime records ``/run/hsmfs/NAME.json`` name each running mount (see RuntimeRecord).

@@ -31,7 +31,7 @@ from hsmfs.errors import HsmfsError
 from hsmfs.filler import IGNORE, MASK
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
-from hsmfs.policy import load_policy
+from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
 from hsmfs.views import attach, detach, marked_mount, ns_inode, ns_path, other_mounts, source_restrictions
 
@@ -159,15 +159,17 @@ def new_group() -> int:
     return fan.init(GROUP_FLAGS, EVENT_FLAGS)
 
 
-def attach_view(group: int, store: tree.Store, target: str, *, nsfd: Optional[int] = None,
+def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, nsfd: Optional[int] = None,
                 namespace: Optional[str] = None) -> int:
     """Mark the tree, then attach the marked view at target; returns the view's mount id.
 
+    With a space budget the view is strictatime: the budget's recency is the inodes' atime.
     Shared by the supervisor and the systemd service (hsmfs.systemd).
     """
     begin_session(store)
     stubs, settled = mark_tree(group, store.tree)
-    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=source_restrictions(store.source))
+    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=source_restrictions(store.source),
+                    strictatime=policy.max_resident_bytes > 0)
     where = f"{target} in namespace {namespace}" if namespace else target
     log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,
              where, mnt_id, stubs, settled)
@@ -207,7 +209,8 @@ class Supervisor:
         self.group = new_group()
         if self.namespace is not None:
             self.nsfd = os.open(ns_path(self.namespace), os.O_RDONLY | os.O_CLOEXEC)
-        mnt_id = attach_view(self.group, self.store, self.target, nsfd=self.nsfd, namespace=self.namespace)
+        mnt_id = attach_view(self.group, self.store, self.target, load_policy(self.config), nsfd=self.nsfd,
+                             namespace=self.namespace)
         rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                            source=self.store.source, target=self.target, namespace=self.namespace,
                            mnt_id=mnt_id, log=self.log_path)

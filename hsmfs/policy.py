@@ -7,6 +7,9 @@ The file holds flat top-level keys only (docs/config.md documents each one)::
     source_error = "EIO"
     log_level = "info"
     fill_timeout = 60.0
+    max_resident_bytes = "20G"
+    high_watermark = 0.9
+    low_watermark = 0.8
 
 Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
 saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
@@ -40,6 +43,7 @@ SOURCE_ERRORS: dict[str, int] = {
     "EBUSY": errno.EBUSY,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOW_BELOW_HIGH = "must be below high_watermark"
 MAX_WORKERS = 256
 MAX_COMMIT_INTERVAL = 60.0
 
@@ -112,12 +116,36 @@ def _check_log_level(value: object) -> str:
     raise _Invalid("expected " + _one_of(LOG_LEVELS))
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+
+
+def _check_max_resident_bytes(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        if m is not None:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise _Invalid('expected a number of bytes (0 for no budget), as an integer or a string such as "500M" or '
+                   '"20G" (K, M, G, T are powers of 1024)')
+
+
+def _check_watermark(value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise _Invalid("expected a fraction of max_resident_bytes greater than 0 and at most 1")
+
+
 _CHECKS: dict[str, Callable[[object], Any]] = {
     "workers": _check_workers,
     "commit_interval": _check_commit_interval,
     "source_error": _check_source_error,
     "log_level": _check_log_level,
     "fill_timeout": _check_fill_timeout,
+    "max_resident_bytes": _check_max_resident_bytes,
+    "high_watermark": _check_watermark,
+    "low_watermark": _check_watermark,
 }
 
 
@@ -134,6 +162,9 @@ class Policy:
     source_error: str = "EIO"
     log_level: str = "info"
     fill_timeout: float = 60.0
+    max_resident_bytes: int = 0
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -143,6 +174,8 @@ class Policy:
             except _Invalid as e:
                 raise ConfigError(f"{f.name}: {e}, got {_describe(value)}") from None
             object.__setattr__(self, f.name, checked)  # 1 -> 1.0 for float fields
+        if self.low_watermark >= self.high_watermark:
+            raise ConfigError(f"low_watermark: {LOW_BELOW_HIGH} ({self.high_watermark:g}), got {self.low_watermark:g}")
 
     @property
     def source_errno(self) -> int:
@@ -222,6 +255,14 @@ def load_policy(path: Optional[str]) -> Policy:
             values[key] = check(value)
         except _Invalid as e:
             problems.append((line or 0, f"{where}: {key}: {e}, got {_describe(value)}"))
+    low, high = values.get("low_watermark", Policy.low_watermark), values.get("high_watermark", Policy.high_watermark)
+    if low >= high:
+        key = "low_watermark" if "low_watermark" in values else "high_watermark"
+        line = _key_line(text, key)
+        where = f"{path}:{line}" if line is not None else path
+        why = f"{LOW_BELOW_HIGH} ({high:g}), got {low:g}" if key == "low_watermark" else \
+            f"must be above low_watermark ({low:g}), got {high:g}"
+        problems.append((line or 0, f"{where}: {key}: {why}"))
     if problems:
         # every mistake at once, in file order, one per line
         raise ConfigError("\n".join(message for _, message in sorted(problems)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import sys
 
 
@@ -23,6 +24,12 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def ignore_lease_breaks() -> None:
+    """Eviction holds write leases: an open by anyone else sends the holder SIGIO, whose default
+    action would kill it. hsmfs releases its leases within milliseconds anyway."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
 
 
 # --- journald ---------------------------------------------------------------------------------------

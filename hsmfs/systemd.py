@@ -46,7 +46,7 @@ from hsmfs.control import RUN_DIR, RuntimeRecord
 from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
 from hsmfs.policy import load_policy
-from hsmfs.process import raise_fd_limit, setup_logging
+from hsmfs.process import ignore_lease_breaks, raise_fd_limit, setup_logging
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
@@ -203,6 +203,7 @@ class Service:
             policy = load_policy(params.config)
             logging.getLogger().setLevel(policy.log_level.upper())
             raise_fd_limit()
+            ignore_lease_breaks()
             store = tree.Store.load(params.store)
             if store is None or not store.populated:
                 raise SourceMissing(f"no populated hsmfs store at {params.store}",
@@ -220,7 +221,7 @@ class Service:
                     group = new_group()
                     self.fds.keep_group(group)  # before any mark
                 sdnotify.notify(f"EXTEND_TIMEOUT_USEC={START_EXTENSION_USEC}")
-                mnt_id = attach_view(group, store, self.target)
+                mnt_id = attach_view(group, store, self.target, policy)
             os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)  # the in-flight journal lives there
             starts = self.fds.count_start()
             serving = Serving(group, store, self.target, policy, restarts=starts - 1)

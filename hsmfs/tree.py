@@ -30,6 +30,10 @@ resident file whose size or mtime no longer match the record was changed by a us
 Files, directories, symlinks and special files without a record were made by users of the view
 (state ``"local"``). Hardlinks share one inode and so one record.
 
+A pinned file also carries ``trusted.hsmfs.pin`` (one byte, ``1``): eviction, by hand or for the
+space budget, never touches it. It is apart from the record so that a commit rewriting the record
+can never drop a pin set meanwhile.
+
 A store directory holds one tree::
 
     STORE/hsmfs.json   store record: schema, name, source, populate progress (see Store)
@@ -47,6 +51,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 XATTR = "trusted.hsmfs"
+PIN_XATTR = "trusted.hsmfs.pin"
 SCHEMA = 1
 STATES = ("stub", "resident", "dirty", "unverified")
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
@@ -99,6 +104,28 @@ def read_record(fd_or_path: int | str) -> Optional[Record]:
 
 def write_record(fd_or_path: int | str, rec: Record) -> None:
     os.setxattr(fd_or_path, XATTR, rec.encode())
+
+
+def is_pinned(fd_or_path: int | str) -> bool:
+    try:
+        if isinstance(fd_or_path, int):
+            return os.getxattr(fd_or_path, PIN_XATTR) == b"1"
+        return os.getxattr(fd_or_path, PIN_XATTR, follow_symlinks=False) == b"1"
+    except OSError as e:
+        if e.errno in (61, 95):  # ENODATA, EOPNOTSUPP
+            return False
+        raise
+
+
+def set_pinned(path: str, pinned: bool) -> bool:
+    """Pin or unpin the file at path (symlinks not followed); returns whether that changed anything."""
+    if is_pinned(path) == pinned:
+        return False
+    if pinned:
+        os.setxattr(path, PIN_XATTR, b"1", follow_symlinks=False)
+    else:
+        os.removexattr(path, PIN_XATTR, follow_symlinks=False)
+    return True
 
 
 class PathTable:

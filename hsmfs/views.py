@@ -10,9 +10,11 @@ from typing import Callable, Literal, Optional
 
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.mount import (
+    MOUNT_ATTR__ATIME,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOEXEC,
     MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_STRICTATIME,
     mount_setattr,
     move_mount,
     open_tree_clone,
@@ -46,7 +48,7 @@ def source_restrictions(source: str) -> int:
 
 
 def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
-           restrict: int = 0) -> int:
+           restrict: int = 0, strictatime: bool = False) -> int:
     """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
 
     With nsfd, the move happens in that mount namespace, from a forked child: setns(CLONE_NEWNS)
@@ -57,6 +59,8 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
     try:
         if restrict:
             mount_setattr(mfd, restrict)
+        if strictatime:  # every read records its time: the space budget evicts least recently used first
+            mount_setattr(mfd, MOUNT_ATTR_STRICTATIME, MOUNT_ATTR__ATIME)
         fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT, mask, mfd, ".")
         mnt = mount_id(mfd)
         if nsfd is None:

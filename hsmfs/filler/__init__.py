@@ -2,7 +2,8 @@
 
 Threads: one reader (the only one that reads the group), a pool of fill workers (one fetch per
 inode however many events wait on it), one committer (group commit: one syncfs makes a batch of
-fills durable before their records say "resident" and their ignore marks go on).
+fills durable before their records say "resident" and their ignore marks go on), and with a space
+budget one evictor (hsmfs.filler.budget). Evictions (hsmfs.filler.evict) run one at a time.
 
 This process never opens a file through a view or the store tree: it touches stubs only through
 event fds (FMODE_NONOTIFY, so no events of its own) and reads the source, which no mark covers.
@@ -22,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hsmfs import tree
+from hsmfs.filler.budget import Budget, Scan, evict_lru, scan
+from hsmfs.filler.evict import FILLING, IN_USE, Outcome, evict_file
 from hsmfs.filler.hydrate import FILLED, RESIDENT, USERS, FillError, hydrate
 from hsmfs.filler.journal import Journal
 from hsmfs.linux import fanotify as fan
-from hsmfs.linux.fs import syncfs
+from hsmfs.linux.fs import punch_hole, syncfs
 from hsmfs.linux.handles import handle_of, open_handle
 from hsmfs.policy import Policy
 from hsmfs.sources import Source
@@ -36,6 +39,8 @@ log = logging.getLogger("hsmfs.filler")
 # look for data with SEEK_DATA (kernel-facts §14); FAN_PRE_ACCESS covers fds opened earlier.
 MASK = fan.FAN_PRE_ACCESS | fan.FAN_OPEN_PERM
 IGNORE = fan.FAN_MARK_ADD | fan.FAN_MARK_IGNORE | fan.FAN_MARK_IGNORED_SURV_MODIFY | fan.FAN_MARK_EVICTABLE
+ROOM_MIN = 32 << 20  # a full store: free at least this much at once, not one file's worth per fill
+ROOM_TRIES = 4
 COMMIT_BATCH = 512  # at most this many fds wait for one commit
 SWEEP_FDS = 65536  # fd numbers a successor answers blindly at least (responses match by fd number)
 
@@ -53,6 +58,9 @@ class Stats:
     swept: int = 0
     commits: int = 0
     overflows: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    enospc: int = 0  # fills that found the store full (and made room, or answered ENOSPC)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def as_dict(self) -> dict[str, object]:
@@ -64,6 +72,7 @@ class Stats:
         return {"events": self.events, "fills": self.fills, "fill_bytes": self.fill_bytes,
                 "fill_errors": self.fill_errors, "timeouts": self.timeouts, "replayed": self.replayed,
                 "swept": self.swept, "commits": self.commits, "overflows": self.overflows,
+                "evictions": self.evictions, "evicted_bytes": self.evicted_bytes, "enospc": self.enospc,
                 "fill_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}}
 
 
@@ -101,6 +110,11 @@ class Filler:
         self._pending_cv = threading.Condition(self._lock)
         self._stopping = False
         self._flushes = 0  # flush() requests; the committer skips the wait while any is pending
+        self._evict_lock = threading.Lock()  # one eviction at a time (by hand, budget, full store)
+        self.root = os.readlink(_proc(store_fd))  # the store tree, for scans (lstat and xattrs only)
+        self.budget: Optional[Budget] = None
+        if policy.max_resident_bytes:
+            self.budget = Budget(self, policy, self.root)
         self._committed = threading.Condition(self._lock)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="fill")
@@ -113,6 +127,8 @@ class Filler:
         self._reader.start()
         self._committer.start()
         self._deadlines.start()
+        if self.budget is not None:
+            self.budget.start()
 
     def stop(self) -> None:
         """Stop reading, let running fills finish and answer their readers, commit what's filled."""
@@ -121,6 +137,8 @@ class Filler:
             self._pending_cv.notify_all()
         os.write(self._wake_w, b"x")
         self._reader.join()
+        if self.budget is not None:
+            self.budget.stop()
         self._pool.shutdown(wait=True)
         self._committer.join()
         self._deadlines.join()
@@ -383,9 +401,14 @@ class Filler:
                 # lower layer, a ro bind mount) must get one too. The bytes go through our own fd
                 # on the store, whose events this process answers itself (_dispatch).
                 wfd = open_handle(self.store_fd, *handle_of(ev.fd), os.O_RDWR)
-                outcome = hydrate(wfd, rec, os.fstat(wfd), self.source, src)
+                outcome = self._hydrate(wfd, rec, src, key)
             else:
                 outcome = hydrate(ev.fd, rec, st, self.source, "")  # nothing to write: settled
+        except StoreFull as e:
+            log.error("cannot fill %s: %s; its readers get ENOSPC, the stub stays a stub", src, e)
+            response = fan.deny_errno(e.errno)
+            with self._lock:
+                self.stats.fill_errors += 1
         except (FillError, tree.RecordError, OSError) as e:
             what = src or _fd_path(ev.fd)
             log.error("cannot fill %s from %s: %s; readers get %s, the stub stays a stub",
@@ -425,6 +448,29 @@ class Filler:
             if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
                 self._pending_cv.notify_all()
 
+    def _hydrate(self, wfd: int, rec: tree.Record, src: str, key: Key) -> str:
+        """hydrate(), making room when the store is full: evict least recently used clean files and
+        try again; StoreFull once nothing more can be evicted."""
+        had_data = os.fstat(wfd).st_blocks > 0
+        for _ in range(ROOM_TRIES):
+            try:
+                return hydrate(wfd, rec, os.fstat(wfd), self.source, src)
+            except FillError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                with self._lock:
+                    self.stats.enospc += 1
+                need = max(rec.size - os.fstat(wfd).st_blocks * 512, 0) + ROOM_MIN
+                found = scan(self.root)
+                freed = evict_lru(self, found.candidates, need)
+                log.warning("store full (%s) while filling %s: evicted %d bytes of least recently used files",
+                            e, src, freed)
+                if freed == 0:
+                    if not had_data:
+                        punch_hole(wfd, 0, rec.size)  # give back what this fill took: it was all ours
+                    raise StoreFull(os.strerror(e.errno), e.errno, found) from None
+        raise StoreFull("still full after evicting", errno.ENOSPC, scan(self.root))
+
     # -- committing ------------------------------------------------------------------------------
     def _commit_loop(self) -> None:
         while True:
@@ -444,14 +490,15 @@ class Filler:
             with self._lock:
                 self._committed.notify_all()
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Commit every fill now and close the event fds held for it (they keep the view busy)."""
+    def flush(self, timeout: float = 30.0, *, fills: bool = True) -> None:
+        """Commit every fill now and close the fds held for it (they keep the view busy, and a file
+        someone holds open cannot be evicted). With fills, also wait for running fills."""
         with self._lock:
             self._flushes += 1
             try:
                 self._pending_cv.notify_all()
                 deadline = time.monotonic() + timeout
-                while (self._pending or self._inflight) and time.monotonic() < deadline:
+                while (self._pending or (fills and self._inflight)) and time.monotonic() < deadline:
                     self._committed.wait(0.05)
             finally:
                 self._flushes -= 1
@@ -475,18 +522,101 @@ class Filler:
         with self._lock:
             for p in batch:
                 self._known[p.key] = RESIDENT if p.state == "resident" else USERS
+        filled = 0
         for p in batch:
             self._settle(p.fd)
+            if self.budget is not None:
+                filled += tree.resident_bytes(os.fstat(p.fd))
             os.close(p.fd)
+        if self.budget is not None:
+            self.budget.filled(filled)
         with self._lock:
             self.stats.commits += 1  # counted once the batch is marked: status shows a finished commit
+
+    # -- evicting --------------------------------------------------------------------------------
+    def evict(self, handles: list[tuple[int, bytes]]) -> list[Outcome]:
+        """Evict the files named by handles (hsmfs evict); one Outcome each, in order."""
+        with self._lock:
+            pending = bool(self._pending)
+        if pending:
+            self.flush(fills=False)  # our own fds on uncommitted fills would refuse the lease
+        out = []
+        for htype, handle in handles:
+            try:
+                fd = open_handle(self.store_fd, htype, handle, os.O_RDWR)
+            except OSError as e:
+                out.append(Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}"))
+                continue
+            try:
+                out.append(self.evict_fd(fd))
+            except OSError as e:
+                log.error("eviction of %s failed: %s", _fd_path(fd), e)
+                out.append(Outcome(False, f"failed: {e.strerror or e}"))
+            finally:
+                os.close(fd)
+        return out
+
+    def evict_fd(self, fd: int) -> Outcome:
+        """Evict the file behind fd (an O_RDWR fd on the store); counted in the stats."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._evict_lock:
+            with self._lock:
+                if key in self._inflight or any(p.key == key for p in self._pending):
+                    return Outcome(False, FILLING)
+            outcome = evict_file(fd, self.source, self.paths, _EvictMarks(self, key))
+        if outcome.evicted:
+            with self._lock:
+                self.stats.evictions += 1
+                self.stats.evicted_bytes += outcome.freed
+            if self.budget is not None:
+                self.budget.freed(outcome.freed)
+        return outcome
 
     def status(self) -> dict[str, object]:
         with self._lock:
             d = self.stats.as_dict()
             d["inflight"] = len(self._inflight)
             d["pending_commit"] = len(self._pending)
-            return d
+        d["budget"] = self.budget.status() if self.budget is not None else None
+        return d
+
+
+class StoreFull(FillError):
+    """The store has no room for a fill, and nothing clean and unpinned is left to evict."""
+
+    def __init__(self, what: str, err: int, found: Scan) -> None:
+        super().__init__(f"the store filesystem is full ({what}) and nothing can be evicted: {found.pinned} pinned "
+                         f"and {found.dirty} dirty files hold {found.pinned_bytes + found.dirty_bytes} bytes; "
+                         f"unpin or evict files, or give the store more room", err)
+
+
+class _EvictMarks:
+    """hsmfs.filler.evict.Marks for the group this filler serves."""
+
+    def __init__(self, filler: Filler, key: Key) -> None:
+        self.filler = filler
+        self.key = key
+
+    def arm(self, fd: int) -> None:
+        # an evictable ignore mark turns non-evictable here (the stub's mark pins the inode)
+        fan.mark(self.filler.group, fan.FAN_MARK_ADD, MASK, fan.AT_FDCWD, _proc(fd))
+
+    def disarm(self, fd: int) -> None:
+        self._unignore(fd)
+        self.filler._settle(fd)  # back to an evictable ignore mark alone
+
+    def release(self, fd: int) -> None:
+        with self.filler._lock:
+            self.filler._known.pop(self.key, None)  # the next event fills it again
+        self._unignore(fd)
+
+    def _unignore(self, fd: int) -> None:
+        try:
+            fan.mark(self.filler.group, fan.FAN_MARK_REMOVE | fan.FAN_MARK_IGNORE, MASK, fan.AT_FDCWD, _proc(fd))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
 
 
 def _proc(fd: int) -> str:

@@ -23,7 +23,7 @@ from hsmfs.control import RUN_DIR, Server
 from hsmfs.filler import Filler
 from hsmfs.filler.journal import Journal
 from hsmfs.policy import Policy, load_policy
-from hsmfs.process import raise_fd_limit, setup_logging
+from hsmfs.process import ignore_lease_breaks, raise_fd_limit, setup_logging
 from hsmfs.sources.local import LocalSource
 from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
 
@@ -74,6 +74,9 @@ class Serving:
                 return {"ok": False, "errno": e.errno, "error": str(e)}
             # whoever holds the group sees the view go and stops us once no other mount is left
             return {"ok": True, "other_mounts": others}
+        if op == "evict":
+            handles = [(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
+            return {"ok": True, "results": [o.as_dict() for o in self.filler.evict(handles)]}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def other_mounts(self, view_id: Optional[int]) -> list[str]:
@@ -110,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     policy = load_policy(args.config)
     setup_logging(policy.log_level)
     raise_fd_limit()
+    ignore_lease_breaks()
     store = tree.Store.load(args.store)
     if store is None:
         log.error("%s is not an hsmfs store", args.store)

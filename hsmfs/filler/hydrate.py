@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Optional
 
 from hsmfs import tree
@@ -17,10 +18,14 @@ USERS = "users"  # not (or no longer) a stub of the source: a user's file, never
 
 
 class FillError(Exception):
-    """The source could not deliver the file; readers get the policy's errno."""
+    """The file could not be filled; readers get the policy's errno (or ENOSPC for a full store)."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
-def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     """[(start, end)] of data (non-hole) regions of fd, by SEEK_DATA/SEEK_HOLE."""
     regions = []
     pos = 0
@@ -39,7 +44,7 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
-def _same_as_source(fd: int, src_fd: int, start: int, end: int) -> bool:
+def same_as_source(fd: int, src_fd: int, start: int, end: int) -> bool:
     chunk = 1 << 20
     pos = start
     while pos < end:
@@ -65,7 +70,7 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
     if state not in ("stub", "unverified"):
         return USERS
     size = rec.size
-    regions = _data_regions(fd, size) if st.st_blocks or state == "unverified" else []
+    regions = data_regions(fd, size) if st.st_blocks or state == "unverified" else []
     try:
         src_fd = source.open(src)
         try:
@@ -82,7 +87,7 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
             # source's were ours, any other byte is a user's and stays; every hole gets the
             # source's bytes either way (a write made durable by O_DSYNC or a ranged msync leaves
             # the rest of an uncommitted fill as holes, which must not read as zeros).
-            users = not all(_same_as_source(fd, src_fd, start, end) for start, end in regions)
+            users = not all(same_as_source(fd, src_fd, start, end) for start, end in regions)
             pos = 0
             for start, end in [*regions, (size, size)]:
                 if pos < start:
@@ -95,8 +100,9 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
     except FileNotFoundError as e:
         raise FillError(f"source file is gone: {e.strerror}") from None
     except OSError as e:
-        raise FillError(e.strerror or str(e)) from None
-    # writing the bytes bumped mtime: restore the source's, or make rebuilds everything
-    os.utime(fd, ns=(rec.atime_ns, rec.mtime_ns))
+        raise FillError(e.strerror or str(e), e.errno or 0) from None
+    # writing the bytes bumped mtime: restore the source's, or make rebuilds everything. atime is
+    # the time of this access: the space budget evicts the least recently used files first.
+    os.utime(fd, ns=(time.time_ns(), rec.mtime_ns))
     return FILLED
 

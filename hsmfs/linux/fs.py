@@ -1,4 +1,4 @@
-"""Filesystem-level calls: statfs type, syncfs, reflink clone."""
+"""Filesystem-level calls: statfs type, syncfs, openat2, hole punching, leases, shutdown."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ HSM_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
 
 libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 libc.syncfs.argtypes = [ctypes.c_int]
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+# include/uapi/linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+# include/uapi/asm-generic/fcntl.h (F_LINUX_SPECIFIC_BASE + 0) and the lock types of fcntl(2)
+F_SETLEASE = 1024
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 
 
 def fs_type(path: str) -> str:
@@ -41,6 +50,32 @@ def fs_type(path: str) -> str:
 def syncfs(fd: int) -> None:
     """Flush every dirty page and the journal of the filesystem holding fd."""
     check(libc.syncfs(fd), "syncfs")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset+length) of fd; the size stays, the range reads as a hole."""
+    if length > 0:
+        check(libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length), "fallocate punch")
+
+
+def take_write_lease(fd: int) -> bool:
+    """F_SETLEASE F_WRLCK: True if granted, False if anyone else has the file open or mapped.
+
+    While it is held a new open of the file by anyone else blocks (the holder gets SIGIO, which
+    hsmfs ignores) until the lease is released by closing fd or :func:`release_lease`. It detects
+    fds, mmaps whose fd was closed and running binaries (kernel-facts §11).
+    """
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, F_WRLCK)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        raise
+    return True
+
+
+def release_lease(fd: int) -> None:
+    fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
 
 
 # openat2(2): x86_64 syscall 437; include/uapi/linux/openat2.h

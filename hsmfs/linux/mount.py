@@ -62,6 +62,8 @@ AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR__ATIME = 0x70  # the atime bits: clear them to set one of the below
+MOUNT_ATTR_STRICTATIME = 0x20
 
 
 class _MountAttr(ctypes.Structure):
@@ -69,8 +71,8 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(fd: int, attr_set: int) -> None:
-    """Set mount attributes (MOUNT_ATTR_*) on the mount fd refers to (an open_tree fd)."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0) -> None:
+    """Set and clear mount attributes (MOUNT_ATTR_*) on the mount fd refers to (an open_tree fd)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
     check(libc.syscall(NR_mount_setattr, ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_uint(AT_EMPTY_PATH),
                        ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
