@@ -284,7 +284,10 @@ def _size(n: float) -> str:
 
 
 def tree_summary(root: str) -> dict[str, dict[str, int]]:
-    """Files and bytes by state, from the store tree (records and allocated blocks)."""
+    """Files and bytes by state, from the store tree (records and allocated blocks).
+
+    "pinned" counts pinned files whatever their state (they are in the other rows too).
+    """
     files: Counter[str] = Counter()
     size: Counter[str] = Counter()
     resident: Counter[str] = Counter()
@@ -297,14 +300,17 @@ def tree_summary(root: str) -> dict[str, dict[str, int]]:
                 if not stat.S_ISREG(s.st_mode) or s.st_ino in seen:
                     continue
                 seen.add(s.st_ino)
-                state = tree.file_state(tree.read_record(p), s)
+                rec = tree.read_record(p)
+                state = tree.file_state(rec, s)
+                pinned = rec is not None and tree.is_pinned(p)
             except (OSError, tree.RecordError):
                 continue
-            files[state] += 1
-            size[state] += s.st_size
-            resident[state] += tree.resident_bytes(s)
+            for row in (state, "pinned") if pinned else (state,):
+                files[row] += 1
+                size[row] += s.st_size
+                resident[row] += tree.resident_bytes(s)
     return {st: {"files": files[st], "bytes": size[st], "resident_bytes": resident[st]}
-            for st in ("stub", "resident", "dirty", "local")}
+            for st in ("stub", "resident", "unverified", "dirty", "local", "pinned")}
 
 
 @app.command()
@@ -352,6 +358,11 @@ def status(
             lat = f["fill_latency_ms"]
             print(f"  events {f['events']}, fills {f['fills']} ({_size(f['fill_bytes'])}), errors {f['fill_errors']}, "
                   f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms, queue overflows {f['overflows']}")
+            print(f"  evictions {f['evictions']} ({_size(f['evicted_bytes'])} freed), store full {f['enospc']} times")
+            b = f.get("budget")
+            if b:
+                print(f"  budget {_size(b['max_resident_bytes'])}: {_size(b['resident_bytes'])} resident, evicts past "
+                      f"{_size(b['high'])} down to {_size(b['low'])}")
 
 
 @app.command("stat")
@@ -359,7 +370,8 @@ def stat_cmd(
     files: list[str] = typer.Argument(..., help="Files in a view or a store."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """State of each file: stub, resident, dirty or local, and the bytes it holds on disk."""
+    """State of each file: stub, resident, unverified, dirty or local, whether it is pinned, its size and
+    the bytes it holds on disk."""
     rows = []
     failed = False
     tables: dict[str, tree.PathTable] = {}
@@ -377,7 +389,7 @@ def stat_cmd(
                     tables[store] = tree.PathTable(store)
                 src = tables[store].get(rec.path_id)
             rows.append({"path": p, "state": state, "size": s.st_size, "resident_bytes": tree.resident_bytes(s),
-                         "source": src})
+                         "pinned": rec is not None and tree.is_pinned(p), "source": src})
         except (OSError, tree.RecordError) as e:
             failed = True
             print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
@@ -387,7 +399,8 @@ def stat_cmd(
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['state']:<9} {r['size']:>12} {r['resident_bytes']:>12}  {r['path']}")
+            print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
+                  f"{r['path']}")
     if failed:
         raise typer.Exit(66)
 

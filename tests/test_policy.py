@@ -94,6 +94,14 @@ def test_quoted_keys(tmp_path: Path) -> None:
         ('log_level = "info"', "log_level", "info"),
         ('log_level = "warning"', "log_level", "warning"),
         ('log_level = "error"', "log_level", "error"),
+        ("max_resident_bytes = 0", "max_resident_bytes", 0),
+        ("max_resident_bytes = 1048576", "max_resident_bytes", 1 << 20),
+        ('max_resident_bytes = "500M"', "max_resident_bytes", 500 << 20),
+        ('max_resident_bytes = "1.5G"', "max_resident_bytes", 3 << 29),
+        ('max_resident_bytes = "2TiB"', "max_resident_bytes", 2 << 40),
+        ('max_resident_bytes = "64k"', "max_resident_bytes", 64 << 10),
+        ("high_watermark = 1", "high_watermark", 1.0),
+        ("low_watermark = 0.5", "low_watermark", 0.5),
     ],
 )
 def test_valid_values(tmp_path: Path, text: str, field: str, value: object) -> None:
@@ -125,6 +133,9 @@ INTERVAL = "expected a number of seconds greater than 0 and at most 60"
 TIMEOUT = "expected a finite number of seconds greater than 0"
 ERRNOS = 'expected one of "EIO", "EAGAIN", "EPERM", "EBUSY"'
 LEVELS = 'expected one of "debug", "info", "warning", "error"'
+BYTES = ('expected a number of bytes (0 for no budget), as an integer or a string such as "500M" or "20G" '
+         "(K, M, G, T are powers of 1024)")
+MARK = "expected a fraction of max_resident_bytes greater than 0 and at most 1"
 
 
 @pytest.mark.parametrize(
@@ -158,6 +169,16 @@ LEVELS = 'expected one of "debug", "info", "warning", "error"'
         ('log_level = "critical"', f'log_level: {LEVELS}, got "critical"'),
         ("log_level = 10", f"log_level: {LEVELS}, got 10"),
         ("log_level = {a = 1}", f"log_level: {LEVELS}, got a table"),
+        ('max_resident_bytes = "ten"', f'max_resident_bytes: {BYTES}, got "ten"'),
+        ("max_resident_bytes = -1", f"max_resident_bytes: {BYTES}, got -1"),
+        ('max_resident_bytes = "5P"', f'max_resident_bytes: {BYTES}, got "5P"'),
+        ("max_resident_bytes = 1.5", f"max_resident_bytes: {BYTES}, got 1.5"),
+        ("max_resident_bytes = true", f"max_resident_bytes: {BYTES}, got true"),
+        ("high_watermark = 1.5", f"high_watermark: {MARK}, got 1.5"),
+        ("high_watermark = 0", f"high_watermark: {MARK}, got 0"),
+        ("low_watermark = -0.1", f"low_watermark: {MARK}, got -0.1"),
+        ("low_watermark = 0.95", "low_watermark: must be below high_watermark (0.9), got 0.95"),
+        ("high_watermark = 0.5", "high_watermark: must be above low_watermark (0.8), got 0.5"),
     ],
 )
 def test_bad_value_names_file_line_and_key(tmp_path: Path, line: str, expected: str) -> None:
