@@ -116,6 +116,7 @@ class Filler:
         if policy.max_resident_bytes:
             self.budget = Budget(self, policy, self.root)
         self._committed = threading.Condition(self._lock)
+        self._committing: list[_Pending] = []  # the batch the committer is working on
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="fill")
         self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
@@ -486,19 +487,27 @@ class Filler:
                         break
                     self._pending_cv.wait(left)
                 batch, self._pending = self._pending, []
+                self._committing = batch
             self._commit(batch)
             with self._lock:
+                self._committing = []
                 self._committed.notify_all()
 
     def flush(self, timeout: float = 30.0, *, fills: bool = True) -> None:
         """Commit every fill now and close the fds held for it (they keep the view busy, and a file
-        someone holds open cannot be evicted). With fills, also wait for running fills."""
+        someone holds open cannot be evicted). With fills, also wait for running fills; without,
+        only for the fills waiting now (new ones may keep coming)."""
         with self._lock:
             self._flushes += 1
             try:
                 self._pending_cv.notify_all()
                 deadline = time.monotonic() + timeout
-                while (self._pending or (fills and self._inflight)) and time.monotonic() < deadline:
+                mine = {id(p) for p in self._pending + self._committing}
+                while time.monotonic() < deadline:
+                    if fills and not (self._pending or self._inflight or self._committing):
+                        break
+                    if not fills and not any(id(p) in mine for p in self._pending + self._committing):
+                        break
                     self._committed.wait(0.05)
             finally:
                 self._flushes -= 1
