@@ -291,24 +291,16 @@ def tree_summary(root: str) -> dict[str, dict[str, int]]:
     files: Counter[str] = Counter()
     size: Counter[str] = Counter()
     resident: Counter[str] = Counter()
-    seen: set[int] = set()
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            try:
-                s = os.lstat(p)
-                if not stat.S_ISREG(s.st_mode) or s.st_ino in seen:
-                    continue
-                seen.add(s.st_ino)
-                rec = tree.read_record(p)
-                state = tree.file_state(rec, s)
-                pinned = rec is not None and tree.is_pinned(p)
-            except (OSError, tree.RecordError):
-                continue
-            for row in (state, "pinned") if pinned else (state,):
-                files[row] += 1
-                size[row] += s.st_size
-                resident[row] += tree.resident_bytes(s)
+    for path, s, rec in tree.files(root):
+        state = tree.file_state(rec, s)
+        try:
+            pinned = rec is not None and tree.is_pinned(path)
+        except OSError:
+            continue
+        for row in (state, "pinned") if pinned else (state,):
+            files[row] += 1
+            size[row] += s.st_size
+            resident[row] += tree.resident_bytes(s)
     return {st: {"files": files[st], "bytes": size[st], "resident_bytes": resident[st]}
             for st in ("stub", "resident", "unverified", "dirty", "local", "pinned")}
 
@@ -351,7 +343,7 @@ def status(
         print(f"{d['name']}: {d['source']} -> {where}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         for state, v in d["states"].items():
-            print(f"  {state:<9} {v['files']:>8} files  {_size(v['bytes']):>10}  "
+            print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")
         f = d.get("filler")
         if f:

@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -179,6 +181,27 @@ def file_state(rec: Optional[Record], st: os.stat_result) -> str:
     if rec.state in ("resident", "unverified") and st.st_mtime_ns != rec.mtime_ns:
         return "dirty"
     return rec.state
+
+
+def files(root: str) -> Iterator[tuple[str, os.stat_result, Optional[Record]]]:
+    """(path, lstat, record) of each regular file beneath root, each inode once (hardlinks).
+
+    lstat and getxattr only: walking a tree raises no fanotify event. Files that vanish or carry a
+    record this version cannot read are passed over.
+    """
+    seen: set[int] = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+                rec = read_record(path)
+            except (OSError, RecordError):
+                continue
+            yield path, st, rec
 
 
 def resident_bytes(st: os.stat_result) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,31 +47,24 @@ class Scan:
 def scan(root: str) -> Scan:
     """Walk the store tree (lstat and xattrs only: no event, no open)."""
     out = Scan()
-    seen: set[int] = set()
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-                if not stat.S_ISREG(st.st_mode) or st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
-                rec = tree.read_record(path)
-                if rec is None:
-                    continue
-                held = tree.resident_bytes(st)
-                out.resident_bytes += held
-                state = tree.file_state(rec, st)
-                if state == "dirty":
-                    out.dirty += 1
-                    out.dirty_bytes += held
-                elif tree.is_pinned(path):
-                    out.pinned += 1
-                    out.pinned_bytes += held
-                elif state in ("resident", "unverified") and held:
-                    out.candidates.append((st.st_atime_ns, path, held))
-            except (OSError, tree.RecordError):
-                continue  # renamed or removed meanwhile: the next scan sees it
+    for path, st, rec in tree.files(root):
+        if rec is None:
+            continue
+        held = tree.resident_bytes(st)
+        out.resident_bytes += held
+        state = tree.file_state(rec, st)
+        try:
+            pinned = tree.is_pinned(path)
+        except OSError:
+            continue  # removed meanwhile: the next scan sees it
+        if state == "dirty":
+            out.dirty += 1
+            out.dirty_bytes += held
+        elif pinned:
+            out.pinned += 1
+            out.pinned_bytes += held
+        elif state in ("resident", "unverified") and held:
+            out.candidates.append((st.st_atime_ns, path, held))
     out.candidates.sort()
     return out
 
