@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import typer
@@ -428,59 +430,25 @@ def evict(
     directly on a store that no mount serves. Prints what it did with each file and why it
     skipped one, then bytes freed. Exit 0, or 75 if some files were in use (try again later).
     """
-    from hsmfs.filler.evict import FILLING, IN_USE, Outcome, evict_file
-    from hsmfs.linux.handles import handle_of
+    from hsmfs.filler.evict import FILLING, IN_USE, Outcome
+    from hsmfs.process import ignore_lease_breaks
 
     _need_root("hsmfs evict")
     work = _files(paths)
+    stores = {place.store: _offline_store(place.store) for place, _ in work if place.running is None}
+    if stores:
+        ignore_lease_breaks()
     total = sum(f.st.st_size for _, files in work for f in files)
     rows: list[tuple[Any, Outcome]] = []
     bar = _progress(total, "evict")
     try:
         for place, files in work:
-            if place.running is not None:
-                for i in range(0, len(files), EVICT_BATCH):
-                    batch = files[i:i + EVICT_BATCH]
-                    handles = []
-                    for f in batch:
-                        fd = os.open(f.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-                        try:
-                            htype, h = handle_of(fd)
-                        finally:
-                            os.close(fd)
-                        handles.append([htype, h.hex()])
-                    reply = request(place.running.name, {"op": "evict", "handles": handles}, timeout=300)
-                    if not reply.get("ok"):
-                        raise HsmfsError(f"the filler of {place.running.target} refused: {reply.get('error')}")
-                    for f, r in zip(batch, reply["results"]):
-                        rows.append((f, Outcome(bool(r["evicted"]), str(r["reason"]), int(r["freed"]))))
-                        if bar is not None:
-                            bar.advance(0, f.st.st_size)
-                continue
-            from hsmfs.process import ignore_lease_breaks
-            from hsmfs.sources.local import LocalSource
-
-            ignore_lease_breaks()
-            st = tree.Store.load(place.store)
-            if st is None:
-                raise SourceMissing(f"{place.store} is not an hsmfs store")
-            source, table = LocalSource(st.source), tree.PathTable(st.path)
-            try:
-                for f in files:
-                    try:
-                        fd = os.open(f.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                    except OSError as e:
-                        rows.append((f, Outcome(False, IN_USE if e.errno == 26 else f"cannot open: {e.strerror}")))
-                        continue
-                    try:
-                        rows.append((f, evict_file(fd, source, table)))
-                    finally:
-                        os.close(fd)
-                    if bar is not None:
-                        bar.advance(0, f.st.st_size)
-            finally:
-                source.close()
-                table.close()
+            done = _evict_through(place.running, files) if place.running is not None \
+                else _evict_here(stores[place.store], files)
+            for f, outcome in done:
+                rows.append((f, outcome))
+                if bar is not None:
+                    bar.advance(0, f.st.st_size)
     finally:
         if bar is not None:
             bar.stop()
@@ -497,6 +465,65 @@ def evict(
           if skipped else ""), file=sys.stderr)
     if skipped[IN_USE] or skipped[FILLING]:
         raise typer.Exit(Busy.exit_code)
+
+
+def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """Evict files through the filler of the running mount rt, by file handle, in batches."""
+    from hsmfs.filler.evict import Outcome
+    from hsmfs.linux.handles import handle_of
+
+    for i in range(0, len(files), EVICT_BATCH):
+        batch = files[i:i + EVICT_BATCH]
+        handles = []
+        for f in batch:
+            fd = os.open(f.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # O_PATH: no event
+            try:
+                htype, h = handle_of(fd)
+            finally:
+                os.close(fd)
+            handles.append([htype, h.hex()])
+        reply = request(rt.name, {"op": "evict", "handles": handles}, timeout=300)
+        if not reply.get("ok"):
+            raise HsmfsError(f"the filler of {rt.target} refused to evict: {reply.get('error')}")
+        for f, r in zip(batch, reply["results"]):
+            yield f, Outcome(bool(r["evicted"]), str(r["reason"]), int(r["freed"]))
+
+
+def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """Evict files of a store that no running mount serves (no group, so no marks to change)."""
+    from hsmfs.filler.evict import IN_USE, Outcome, evict_file
+    from hsmfs.sources.local import LocalSource
+
+    source, table = LocalSource(st.source), tree.PathTable(st.path)
+    try:
+        for f in files:
+            try:
+                fd = os.open(f.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                yield f, Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}")
+                continue
+            try:
+                outcome = evict_file(fd, source, table)
+            finally:
+                os.close(fd)
+            yield f, outcome
+    finally:
+        source.close()
+        table.close()
+
+
+def _offline_store(path: str) -> tree.Store:
+    """A store that no running mount serves, checked before anything is evicted from it."""
+    from hsmfs.views import other_mounts
+
+    st = tree.Store.load(path)
+    if st is None:
+        raise SourceMissing(f"{path} is not an hsmfs store")
+    mounted = other_mounts(st.tree, st.tree)
+    if mounted:  # a view whose filler is gone: its marks are not ours to change
+        raise Busy(f"the tree of {st.path} is mounted {', '.join(map(str, mounted))}, but no running hsmfs mount "
+                   "serves it", hint="unmount it, or evict through its running mount ('hsmfs status' lists them)")
+    return st
 
 
 def _pin(paths: list[str], pinned: bool) -> None:

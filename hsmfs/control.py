@@ -65,11 +65,13 @@ class RuntimeRecord:
                 pass
 
     def alive(self) -> bool:
+        """Whether pid is still this mount's supervisor (hsmfs.daemon) or hsmfs@.service's filler."""
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                return b"hsmfs.daemon" in f.read()
+                argv = f.read().split(b"\0")
         except OSError:
             return False
+        return b"hsmfs.daemon" in argv or (b"hsmfs.filler" in argv and b"--systemd" in argv)
 
 
 def socket_path(name: str) -> str:
