@@ -249,6 +249,10 @@ def umount(
     deadline = time.monotonic() + 60
     while rt.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if rt.alive():
+        print(f"hsmfs: unmounted {rt.target}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
+              file=sys.stderr)
+        return
     print(f"hsmfs: unmounted {rt.target}", file=sys.stderr)
 
 

@@ -185,6 +185,7 @@ class Supervisor:
         self.config = config
         self.log_path = log_path
         self.terms = 0
+        self._busy_logged = False
         self.group = -1
         self.nsfd: Optional[int] = None
 
@@ -286,10 +287,10 @@ class Supervisor:
             detach(self.target, lazy=lazy, ns_file=self.ns_file)
             return True
         except OSError as e:
-            if self.terms == 1:
+            if not self._busy_logged:  # tried every POLL: say it once
                 log.warning("SIGTERM: view %s is busy (%s); still serving, SIGTERM again to detach it",
                             self.target, e)
-                self.terms = 1
+                self._busy_logged = True
             return False
 
 
