@@ -28,7 +28,7 @@ from hsmfs.filler.evict import FILLING, IN_USE, Outcome, evict_file
 from hsmfs.filler.hydrate import FILLED, RESIDENT, USERS, FillError, hydrate
 from hsmfs.filler.journal import Journal
 from hsmfs.linux import fanotify as fan
-from hsmfs.linux.fs import punch_hole, syncfs
+from hsmfs.linux.fs import syncfs
 from hsmfs.linux.handles import handle_of, open_handle
 from hsmfs.policy import Policy
 from hsmfs.sources import Source
@@ -451,25 +451,26 @@ class Filler:
 
     def _hydrate(self, wfd: int, rec: tree.Record, src: str, key: Key) -> str:
         """hydrate(), making room when the store is full: evict least recently used clean files and
-        try again; StoreFull once nothing more can be evicted."""
-        had_data = os.fstat(wfd).st_blocks > 0
+        try again; StoreFull once nothing more can be evicted. (hydrate gives back what a failed
+        try wrote.)"""
         for _ in range(ROOM_TRIES):
             try:
                 return hydrate(wfd, rec, os.fstat(wfd), self.source, src)
             except FillError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                with self._lock:
-                    self.stats.enospc += 1
-                need = max(rec.size - os.fstat(wfd).st_blocks * 512, 0) + ROOM_MIN
-                found = scan(self.root)
-                freed = evict_lru(self, found.candidates, need)
-                log.warning("store full (%s) while filling %s: evicted %d bytes of least recently used files",
-                            e, src, freed)
-                if freed == 0:
-                    if not had_data:
-                        punch_hole(wfd, 0, rec.size)  # give back what this fill took: it was all ours
-                    raise StoreFull(os.strerror(e.errno), e.errno, found) from None
+                err = e.errno
+            with self._lock:
+                self.stats.enospc += 1
+            # fills waiting for their commit hold room too, and become evictable once committed
+            self.flush(fills=False)
+            need = max(rec.size - os.fstat(wfd).st_blocks * 512, 0) + ROOM_MIN
+            found = scan(self.root)
+            freed = evict_lru(self, found.candidates, need)
+            log.warning("store full (%s) while filling %s: evicted %d bytes of least recently used files",
+                        os.strerror(err), src, freed)
+            if freed == 0:
+                raise StoreFull(os.strerror(err), err, found)
         raise StoreFull("still full after evicting", errno.ENOSPC, scan(self.root))
 
     # -- committing ------------------------------------------------------------------------------

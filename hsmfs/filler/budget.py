@@ -60,7 +60,7 @@ def scan(root: str) -> Scan:
         if state == "dirty":
             out.dirty += 1
             out.dirty_bytes += held
-        elif pinned:
+        elif pinned and held:
             out.pinned += 1
             out.pinned_bytes += held
         elif state in ("resident", "unverified") and held:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from hsmfs import tree
-from hsmfs.filler.hydrate import data_regions, same_as_source
-from hsmfs.linux.fs import punch_hole, release_lease, take_write_lease
+from hsmfs.filler.hydrate import data_regions, punch, same_as_source
+from hsmfs.linux.fs import release_lease, take_write_lease
 from hsmfs.sources import Source
 from hsmfs.sources.local import copy_range
 
@@ -43,8 +43,6 @@ STUB = "already a stub"
 LOCAL = "not from the source (made by a user)"
 FILLING = "being filled"
 SOURCE_CHANGED = "its source changed or is gone: evicting it would lose the only copy"
-
-PUNCH_ALIGN = 1 << 16  # at least any filesystem's block size
 
 
 @dataclass(frozen=True)
@@ -117,8 +115,7 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
         try:
             before = st.st_blocks * 512
             tree.write_record(fd, rec.with_state("stub"))  # before the punch: never "resident" over holes
-            # past EOF to a whole block: a partial last block would stay allocated, as zeros
-            punch_hole(fd, 0, -(-st.st_size // PUNCH_ALIGN) * PUNCH_ALIGN)
+            punch(fd, 0, st.st_size, st.st_size)
             # whatever a filesystem kept must still be the source's bytes, or a refill takes it for a user's
             for start, end in data_regions(fd, st.st_size):
                 copy_range(src_fd, fd, start, end)

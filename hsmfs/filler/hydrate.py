@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from typing import Optional
 
 from hsmfs import tree
+from hsmfs.linux.fs import punch_hole
 from hsmfs.sources import Source
 from hsmfs.sources.local import copy_range
+
+log = logging.getLogger("hsmfs.filler")
 
 # What a worker decided about one inode
 FILLED = "filled"  # bytes written, resident state not yet durable
@@ -42,6 +46,25 @@ def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
         regions.append((start, end))
         pos = end
     return regions
+
+
+PUNCH_ALIGN = 1 << 16  # at least any filesystem's block size
+
+
+def punch(fd: int, start: int, end: int, size: int) -> None:
+    """Make [start, end) of a file of size bytes a hole. A range that reaches EOF is punched to a
+    whole block past it: a partial last block would stay allocated, as zeros."""
+    if end >= size:
+        end = -(-size // PUNCH_ALIGN) * PUNCH_ALIGN
+    punch_hole(fd, start, end - start)
+
+
+def _give_back(fd: int, start: int, end: int, size: int) -> None:
+    try:
+        punch(fd, start, end, size)
+    except OSError as e:  # the fill's own error is what the reader must hear about
+        log.error("cannot give back a failed fill's blocks [%d, %d): %s; the next fill compares them with "
+                  "the source", start, end, e)
 
 
 def same_as_source(fd: int, src_fd: int, start: int, end: int) -> bool:
@@ -91,7 +114,14 @@ def hydrate(fd: int, rec: Optional[tree.Record], st: os.stat_result, source: Sou
             pos = 0
             for start, end in [*regions, (size, size)]:
                 if pos < start:
-                    copy_range(src_fd, fd, pos, start)
+                    try:
+                        copy_range(src_fd, fd, pos, start)
+                    except OSError:
+                        # it was a hole: give back what this copy wrote. A copy cut short (ENOSPC)
+                        # can leave allocated blocks past where it stopped, and their zeros would be
+                        # taken for a user's bytes by the next try
+                        _give_back(fd, pos, start, size)
+                        raise
                 pos = end
         finally:
             os.close(src_fd)
