@@ -37,14 +37,29 @@ import tempfile
 import time
 from typing import Any, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-DEFAULT_TREES = ["/usr/include", "/usr/lib/python3.11", "/usr/share/doc"]
+import _common
+from _common import (
+    DEFAULT_TREES,
+    HSMFS,
+    LOG_DIR,
+    MKFS,
+    REPO,
+    RUN_DIR,
+    LoopFS,
+    child_env,
+    cpu_busy,
+    drop_caches,
+    du_bytes,
+    fs_used,
+    is_mount_point,
+    leftover_mounts,
+    log,
+    proc_cpu,
+    run,
+    summary,
+)
+
 MIN_FILES = 13000
-IMAGE_SIZE = 4 << 30
-RUN_DIR = "/run/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
-MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 TARGETS = {
     "populate_vs_cp": ("<=", 0.5),
     "stub_disk_use": ("<=", 0.05),
@@ -111,139 +126,11 @@ def reader_main(listfile: str, root: str, loops: int, verify_root: Optional[str]
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], *, check: bool = True, capture: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, capture_output=capture, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or '').strip()[-2000:]}")
-    return r
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-HSMFS_PATH = REPO  # where subprocesses import hsmfs from (--pythonpath)
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = HSMFS_PATH + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
-
-
-HSMFS = [sys.executable, "-m", "hsmfs"]
-
-
-def du_bytes(path: str) -> int:
-    return int(run(["du", "-s", "--block-size=1", path]).stdout.split()[0])
-
-
-def fs_used(path: str) -> int:
-    s = os.statvfs(path)
-    return (s.f_blocks - s.f_bfree) * s.f_frsize
-
-
-def cpu_busy() -> float:
-    """CPU-seconds the whole machine spent busy since boot (all CPUs; idle and iowait excluded)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: Optional[int]) -> float:
-    """CPU-seconds (user + system) of a live process and all its descendants, living or reaped.
-
-    The pid of a mount's runtime record is its supervisor; the filler is a child of it.
-    """
-    if pid is None:
-        return 0.0
-    stats: dict[int, list[str]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    stats[int(d)] = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                pass
-    if pid not in stats:
-        return 0.0
-    children: dict[int, list[int]] = {}
-    for p, v in stats.items():
-        children.setdefault(int(v[1]), []).append(p)
-    total = sum(int(x) for x in stats[pid][11:15])  # utime stime cutime cstime: reaped children count
-    todo = list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        total += sum(int(x) for x in stats[p][11:15])
-        todo.extend(children.get(p, []))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def summary(xs: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs,
-            "spread_pct": 100.0 * (max(xs) - min(xs)) / statistics.median(xs) if statistics.median(xs) else 0.0}
-
-
-class LoopFS:
-    """A sparse image on a loop device (direct I/O when the host allows it), formatted and mounted."""
-
-    def __init__(self, base: str, label: str, fstype: str, size: int = IMAGE_SIZE) -> None:
-        self.label = label
-        self.fstype = fstype
-        self.image = os.path.join(base, f"{label}.img")
-        self.mnt = os.path.join(base, label)
-        self.dev: Optional[str] = None
-        self.direct_io = True
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        r = run(["losetup", "--find", "--show", "--direct-io=on", self.image], check=False)
-        if r.returncode != 0:
-            self.direct_io = False
-            r = run(["losetup", "--find", "--show", self.image])
-        self.dev = r.stdout.strip()
-        if self.direct_io:  # losetup may fall back silently: ask the kernel
-            try:
-                with open(f"/sys/block/{os.path.basename(self.dev)}/loop/dio") as f:
-                    self.direct_io = f.read().strip() == "1"
-            except OSError:
-                pass
-        run([*MKFS[fstype], self.dev])
-        os.mkdir(self.mnt)
-        run(["mount", self.dev, self.mnt])
-
-    def trim(self) -> None:
-        run(["fstrim", self.mnt], check=False)
-
-    def close(self) -> None:
-        if is_mount_point(self.mnt) and run(["umount", self.mnt], check=False).returncode != 0:
-            time.sleep(1)
-            if run(["umount", self.mnt], check=False).returncode != 0:
-                log(f"WARNING: {self.mnt} is busy; detaching lazily")
-                run(["umount", "-l", self.mnt], check=False)
-        if self.dev:
-            run(["losetup", "-d", self.dev], check=False)
-            self.dev = None
-        try:
-            os.unlink(self.image)
-        except FileNotFoundError:
-            pass
-
-
-# ------------------------------------------------------------------------------------------------
 # the benchmark
 # ------------------------------------------------------------------------------------------------
 
 class Bench:
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.base = tempfile.mkdtemp(prefix="hsmfs-benchrun-", dir="/var/tmp")
@@ -259,6 +146,36 @@ class Bench:
         self.bytes = 0
 
     # -- setup ---------------------------------------------------------------------------------
+    def cleanup(self, ok: bool, *, logs: bool = False) -> None:
+        """Remove every mount, filler, image and journal this run made; with logs, its fillers' logs
+        too when it finished (a failed run keeps them to read)."""
+        for name in list(self.names):
+            try:
+                self.umount(name)
+            except Exception as e:  # keep cleaning up
+                log(f"WARNING: cleanup of {name}: {e}")
+        for i in range(1, self.seq + 1):  # journals (and logs) of this run's fillers, whose stores are gone
+            paths = [os.path.join(RUN_DIR, f"{self.tag}-{i}.journal")]
+            if logs and ok:
+                paths.append(os.path.join(LOG_DIR, f"{self.tag}-{i}.log"))
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        for fs in reversed(self.fs):
+            try:
+                fs.close()
+            except Exception as e:
+                log(f"WARNING: cleanup of {fs.mnt}: {e}")
+        left = leftover_mounts(self.base)
+        if left:
+            log(f"WARNING: mounts left under {self.base}: {left}; not removing it")
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
+        if not ok:
+            log(f"benchmark did not finish; filler logs, if any: {LOG_DIR}/{self.tag}-*.log")
+
     def setup(self) -> None:
         log(f"working in {self.base}")
         self.src = LoopFS(self.base, "src", "ext4")
@@ -754,26 +671,12 @@ def machine_facts(bench: Bench) -> dict[str, Any]:
     commit = run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
     dirty = bool(run(["git", "-C", REPO, "status", "--porcelain", "hsmfs"], check=False).stdout.strip())
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu, "mem_bytes": mem,
-            "python": platform.python_version(), "hsmfs_path": HSMFS_PATH,
+            "python": platform.python_version(), "hsmfs_path": _common.HSMFS_PATH,
             "hsmfs_commit": commit + ("+dirty" if dirty else ""), "loadavg_at_start": loadavg,
             "source_fs": "ext4", "store_fs": bench.args.store_fs,
             "loop_direct_io": all(fs.direct_io for fs in bench.fs),
             "host_fs_of_images": run(["findmnt", "-no", "FSTYPE", "-T", bench.base], check=False).stdout.strip(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this namespace, from mountinfo (os.path.ismount misses same-fs bind mounts)."""
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4].encode().decode("unicode_escape") for line in f]
-
-
-def is_mount_point(path: str) -> bool:
-    return os.path.abspath(path) in mount_points()
-
-
-def leftover_mounts(base: str) -> list[str]:
-    return [mp for mp in mount_points() if mp == base or mp.startswith(base + "/")]
 
 
 def main() -> int:
@@ -799,8 +702,7 @@ def main() -> int:
         return 77
     if args.runs < 1 or args.warm_runs < 1 or args.warm_loops < 1:
         ap.error("--runs, --warm-runs and --warm-loops must be at least 1")
-    global HSMFS_PATH
-    HSMFS_PATH = os.path.abspath(args.pythonpath)
+    HSMFS_PATH = _common.set_hsmfs_path(args.pythonpath)
     if not os.path.isfile(os.path.join(HSMFS_PATH, "hsmfs", "__init__.py")):
         ap.error(f"{HSMFS_PATH} holds no hsmfs package")
 
@@ -825,28 +727,7 @@ def main() -> int:
         log(f"results written to {args.out} ({bench.results['bench_wall_secs']:.0f} s)")
         ok = True
     finally:
-        for name in list(bench.names):
-            try:
-                bench.umount(name)
-            except Exception as e:  # keep cleaning up
-                log(f"WARNING: cleanup of {name}: {e}")
-        for i in range(1, bench.seq + 1):  # journals of this run's fillers, whose stores are gone
-            try:
-                os.unlink(os.path.join(RUN_DIR, f"{bench.tag}-{i}.journal"))
-            except OSError:
-                pass
-        for fs in reversed(bench.fs):
-            try:
-                fs.close()
-            except Exception as e:
-                log(f"WARNING: cleanup of {fs.mnt}: {e}")
-        left = leftover_mounts(bench.base)
-        if left:
-            log(f"WARNING: mounts left under {bench.base}: {left}; not removing it")
-        else:
-            shutil.rmtree(bench.base, ignore_errors=True)
-        if not ok:
-            log(f"benchmark did not finish; filler logs, if any: {LOG_DIR}/{bench.tag}-*.log")
+        bench.cleanup(ok)
     return 0
 
 

@@ -42,10 +42,10 @@ import tempfile
 import time
 from typing import Any, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-RUN_DIR = "/run/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
+import _common
+from _common import HSMFS, LOG_DIR, REPO, RUN_DIR, child_env, log, mount_points
+from _common import LoopFS as _LoopFS
+
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-i", "8192"], "xfs": ["mkfs.xfs", "-q", "-f"],
         "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 INODE_CACHE = {"ext4": "ext4_inode_cache", "xfs": "xfs_inode", "btrfs": "btrfs_inode"}
@@ -112,25 +112,11 @@ def reader_main(mode: str, listfile: str, root: str, other: Optional[str]) -> in
 # helpers
 # ------------------------------------------------------------------------------------------------
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], *, check: bool = True, timeout: float = 900, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or '').strip()[-2000:]}")
-    return r
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-HSMFS = [sys.executable, "-m", "hsmfs"]
 MY_DROPS = [0]
+
+
+def run(cmd: list[str], *, timeout: float = 900, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return _common.run(cmd, timeout=timeout, **kw)
 
 
 def vmstat_drops() -> int:
@@ -139,11 +125,8 @@ def vmstat_drops() -> int:
 
 
 def drop_caches() -> None:
-    os.sync()
-    for _ in range(2):  # the second pass frees inodes whose dentries the first one freed
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        MY_DROPS[0] += 2  # each write counts once in drop_pagecache and once in drop_slab
+    _common.drop_caches(passes=2)  # the second pass frees inodes whose dentries the first one freed
+    MY_DROPS[0] += 4  # each write counts once in drop_pagecache and once in drop_slab
 
 
 class DropWatch:
@@ -156,14 +139,6 @@ class DropWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.foreign = (vmstat_drops() - MY_DROPS[0] - self.start) // 2
-
-
-def mount_points() -> set[str]:
-    out = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            out.add(line.split()[4].encode().decode("unicode_escape"))
-    return out
 
 
 def slab_aliases() -> dict[str, list[str]]:
@@ -273,37 +248,8 @@ def rss(pid: Optional[int]) -> int:
     return 0
 
 
-class LoopFS:
-    """A sparse image on a loop device (direct I/O when the host allows it), formatted and mounted."""
-
-    def __init__(self, base: str, label: str, fstype: str, size: int) -> None:
-        self.fstype = fstype
-        self.image = os.path.join(base, f"{label}.img")
-        self.mnt = os.path.join(base, label)
-        self.dev: Optional[str] = None
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        r = run(["losetup", "--find", "--show", "--direct-io=on", self.image], check=False)
-        if r.returncode != 0:
-            r = run(["losetup", "--find", "--show", self.image])
-        self.dev = r.stdout.strip()
-        run([*MKFS[fstype], self.dev])
-        os.mkdir(self.mnt)
-        run(["mount", self.dev, self.mnt])
-
-    def close(self) -> None:
-        if self.mnt in mount_points() and run(["umount", self.mnt], check=False).returncode != 0:
-            time.sleep(1)
-            if run(["umount", self.mnt], check=False).returncode != 0:
-                log(f"WARNING: {self.mnt} is busy; detaching lazily")
-                run(["umount", "-l", self.mnt], check=False)
-        if self.dev:
-            run(["losetup", "-d", self.dev], check=False)
-            self.dev = None
-        try:
-            os.unlink(self.image)
-        except FileNotFoundError:
-            pass
+def LoopFS(base: str, label: str, fstype: str, size: int) -> _LoopFS:
+    return _LoopFS(base, label, fstype, size, mkfs=MKFS)
 
 
 # code run in a fresh interpreter: the marking alone, as the supervisor does it, on a fresh group
