@@ -507,7 +507,8 @@ def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
                 yield f, Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}")
                 continue
             try:
-                outcome = evict_file(fd, source, table)
+                # after an unclean end a resident record may hide a user's fdatasync'd write
+                outcome = evict_file(fd, source, table, distrust=st.mounted)
             finally:
                 os.close(fd)
             yield f, outcome

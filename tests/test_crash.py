@@ -226,12 +226,18 @@ _names = [0]
 
 
 class Worker:
-    """A process touching the view (never this one: a blocked read must not hang the test)."""
+    """A process touching the view (never this one: a blocked read must not hang the test).
 
-    def __init__(self, code: str, args: list[str]) -> None:
+    session: the worker runs processes of its own (``hsmfs evict`` in a loop); it gets a process
+    group of its own, and killing it kills the whole group.
+    """
+
+    def __init__(self, code: str, args: list[str], *, session: bool = False) -> None:
+        self.session = session
         self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=session)
         self.lines: list[tuple[float, str]] = []
+        self.cut_at: Optional[float] = None  # when the power cut that killed it began
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
 
@@ -240,10 +246,20 @@ class Worker:
         for line in self.proc.stdout:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
+    def sigkill(self) -> None:
+        if self.session:  # the group outlives its leader: its children are killed too
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        self.sigkill()
         self.proc.wait(timeout=30)
+        if self.session:
+            _wait(lambda: not _in_group(self.proc.pid), 30, f"process group {self.proc.pid} to die")
         self._thread.join(timeout=30)
 
     def finish(self, timeout: float = 120) -> None:
@@ -321,8 +337,8 @@ class Crash:
             return ""
 
     # workers
-    def spawn(self, code: str, *args: str) -> Worker:
-        w = Worker(code, list(args))
+    def spawn(self, code: str, *args: str, session: bool = False) -> Worker:
+        w = Worker(code, list(args), session=session)
         self.workers.append(w)
         return w
 
@@ -331,8 +347,9 @@ class Crash:
         self.cut_at = time.monotonic()  # before: a worker may see EIO while the ioctl is still running
         self.disk.cut()
         for w in self.workers:  # a power cut stops every process at once
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGKILL)
+            if w.cut_at is None:
+                w.cut_at = self.cut_at
+            w.sigkill()
         self._kill_daemon()
         for w in self.workers:
             w.kill()
@@ -427,6 +444,20 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _in_group(pgid: int) -> bool:
+    """Whether a live process is in process group pgid."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -481,8 +512,11 @@ class Op:
 
 
 WRITER = r"""
-import json, os, sys
-for op in json.load(open(sys.argv[1])):
+import json, os, sys, time
+pause = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+for n, op in enumerate(json.load(open(sys.argv[1]))):
+    if pause and n:
+        time.sleep(pause)
     print("begin", op["i"], flush=True)
     data, kind = bytes.fromhex(op["data"]), op["kind"]
     flags = os.O_WRONLY | (os.O_TRUNC if kind == "trunc" else 0) | (os.O_DSYNC if kind == "dsync" else 0)
@@ -553,12 +587,12 @@ class Users:
         self.ops.append(o)
         return o
 
-    def run(self, ops: list[Op]) -> Worker:
-        """Start one writer process doing ops in order."""
+    def run(self, ops: list[Op], pause: float = 0.0) -> Worker:
+        """Start one writer process doing ops in order (pause seconds between two)."""
         plan = os.path.join(self.crash.base, f"plan-{len(self.writers)}.json")
         with open(plan, "w") as f:
             json.dump([o.as_json(self.crash.view(o.rel)) for o in ops], f)
-        w = self.crash.spawn(WRITER, plan)
+        w = self.crash.spawn(WRITER, plan, *([str(pause)] if pause else []))
         self.writers.append(w)
         return w
 
@@ -567,8 +601,13 @@ class Users:
                 if line.startswith(word + " ")}
 
     def errors_before_cut(self) -> list[str]:
-        cut = self.crash.cut_at or float("inf")
-        return [line for w in self.writers for t, line in list(w.lines) if line.startswith("error ") and t < cut]
+        """Errors writers saw before the cut that stopped them (each writer its own, in tests that cut
+        more than once)."""
+        out = []
+        for w in self.writers:
+            cut = w.cut_at or self.crash.cut_at or float("inf")
+            out += [line for t, line in list(w.lines) if line.startswith("error ") and t < cut]
+        return out
 
     def files(self) -> dict[str, list[Op]]:
         out: dict[str, list[Op]] = {}
@@ -679,8 +718,12 @@ def plausible(got: bytes, base: bytes, maybe: Op) -> bool:
         all(got[i] in (base[i], full[i]) for i in range(lo, min(hi, len(got))))
 
 
-def verify(c: Crash, users: Optional[Users] = None, *, resident_after: bool = True) -> list[str]:
-    """Check (a), (b), (c) on the rebooted store and its new view; return what is wrong."""
+def verify(c: Crash, users: Optional[Users] = None, *, resident_after: bool = True,
+           cut_session: bool = True) -> list[str]:
+    """Check (a), (b), (c) on the rebooted store and its new view; return what is wrong.
+
+    cut_session: the cut stopped a session (a mount) of the store, so it must say so; False when the
+    cut stopped only an offline command (``hsmfs evict`` on a store no mount serves)."""
     src = c.source
     bad: list[str] = []
     user_files = users.files() if users else {}
@@ -716,7 +759,7 @@ def verify(c: Crash, users: Optional[Users] = None, *, resident_after: bool = Tr
     # records into "unverified" before serving anything: fdatasync and O_DSYNC make a user's bytes
     # durable but not the mtime that marks a resident file dirty, so a raw "resident" record in a
     # cut store claims nothing. What hsmfs itself reports (below) must be right.
-    assert c.unclean, "the cut store does not say its last session ended uncleanly"
+    assert c.unclean or not cut_session, "the cut store does not say its last session ended uncleanly"
     for rel in src.rels:
         raw = c.raw[rel]
         if not raw.exists or raw.error:
@@ -973,3 +1016,279 @@ def test_cut_after_partial_syncs(crash: Crash, source: Source) -> None:
     c.reboot()
     bad = verify(c, users)
     assert not bad, report(c, bad, "cut after O_DSYNC and fdatasync writes")
+
+
+# -- 5. evictions: resident -> stub -> resident, over and over ------------------------------------------
+
+EVICTOR = r"""
+import json, subprocess, sys, time
+cmd = [sys.executable, "-m", "hsmfs", "evict", "--json", *sys.argv[1:]]
+n = 0
+while True:
+    print("start", n, flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        rows = json.loads(r.stdout) if r.stdout.strip() else []
+    except ValueError:
+        rows = []
+    print("end", json.dumps({"n": n, "rc": r.returncode, "evicted": [x["path"] for x in rows if x["evicted"]],
+                             "files": len(rows), "said": r.stderr.strip().splitlines()[-1:]}), flush=True)
+    n += 1
+"""
+
+# hsmfs itself, in the worker process (killing the worker kills the command: the cut stops it)
+CLI = r"""
+import runpy, sys
+sys.argv = ["hsmfs", *sys.argv[1:]]
+runpy.run_module("hsmfs", run_name="__main__", alter_sys=True)
+"""
+
+SYNCER = r"""
+import os, random, sys, time
+from hsmfs.linux.fs import syncfs
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+rnd = random.Random(int(sys.argv[2]))
+while True:
+    time.sleep(rnd.uniform(0.005, 0.05))
+    syncfs(fd)
+"""
+
+EVICT_ROUNDS = int(os.environ.get("HSMFS_CRASH_EVICT_ROUNDS", "5"))
+
+
+def evictions(c: Crash) -> int:
+    """The filler's eviction count (its control socket, asked from here: no process to start)."""
+    from hsmfs.control import request
+
+    return int(request(c.name, {"op": "status"}, timeout=10)["filler"]["evictions"])
+
+
+def stub_records(c: Crash, rels: list[str]) -> int:
+    """How many of rels have a record saying "stub" now (in memory: durable or not)."""
+    n = 0
+    for rel in rels:
+        try:
+            rec = tree.read_record(c.backing(rel))
+        except (OSError, tree.RecordError):
+            continue
+        n += rec is not None and rec.state == "stub"
+    return n
+
+
+def evictor_runs(w: Worker, c: Crash) -> tuple[list[tuple[float, float, list[str]]], list[str]]:
+    """The evictor's finished runs, (start, end, evicted rels) each, and its failures before the cut."""
+    runs, bad, started = [], [], 0.0
+    for t, line in list(w.lines):
+        word = line.split(" ", 1)[0]
+        if word == "start":
+            started = t
+        elif word == "end":
+            r = json.loads(line.split(" ", 1)[1])
+            runs.append((started, t, [os.path.relpath(p, c.target) for p in r["evicted"]]))
+            if r["rc"] not in (0, 75) and (c.cut_at is None or t < c.cut_at):  # 75: some files in use
+                bad.append(f"hsmfs evict failed ({r['rc']}) before the cut: {r['said']}")
+        elif c.cut_at is None or t < c.cut_at:
+            bad.append(f"evictor: {line}")
+    return runs, bad
+
+
+def test_cut_during_evictions(crash: Crash, source: Source) -> None:
+    """`hsmfs evict` of the whole view in a loop, readers refilling, users writing; the power goes.
+
+    Every file is resident and committed at the start of a round. Then one process runs
+    ``hsmfs evict --json VIEW`` over and over (through the filler), two readers read every file
+    again and again (each read of an evicted file refills it: resident -> stub -> resident), and a
+    user writes a few files, one write every 0.1 s: pwrite+fsync, pwrite+fdatasync or
+    O_TRUNC+write+fsync (a dirty file is never evicted). The power goes a random 0.3-1.5 s after
+    the first eviction. After the reboot (a, b, c) are checked, every file is refilled and
+    committed, and the next round starts
+    on the same store (HSMFS_CRASH_EVICT_ROUNDS rounds, 5 by default): users' files of earlier
+    rounds must stay theirs through the later evictions and cuts.
+    """
+    c = crash
+    rnd = random.Random()
+    seed = rnd.randrange(1 << 30)
+    rnd.seed(seed)
+    c.mount(commit_interval=0.05)
+    users = Users(c)
+    pool = [r for r in source.rels if source.sums[r][0] > 0]
+    rnd.shuffle(pool)
+    per_round = 4
+    paths = [c.view(r) for r in source.rels]
+    read_all(c, source.rels)
+    c.flush()
+    bad: list[str] = []
+    cuts: list[str] = []
+    for k in range(EVICT_ROUNDS):
+        mine = pool[k * per_round:(k + 1) * per_round]
+        states = c.stat(source.rels)
+        resident = sorted(r for r, s in states.items() if s == "resident")
+        assert len(resident) > len(source.rels) // 2, f"round {k}: too few resident files to evict: {states}"
+        evictor = c.spawn(EVICTOR, c.target, session=True)
+        readers = [c.spawn(READER, str(rnd.randrange(1 << 30)), "0.002", *(paths * 20)) for _ in range(2)]
+        writer = users.run(plan_writes(users, rnd, source, mine, ["pwrite", "datasync", "trunc"]), pause=0.1)
+        _wait(lambda e=evictor: evictions(c) > 0 or e.proc.poll() is not None, 60, "the first eviction", step=0.01)
+        pause = rnd.uniform(0.3, 1.5)
+        time.sleep(pause)
+        before = evictions(c)
+        c.cut()
+        runs, failed = evictor_runs(evictor, c)
+        failed += [f"a reader failed before the cut: {line}" for w in readers for t, line in w.lines
+                   if line.startswith("error ") and c.cut_at is not None and t < c.cut_at]
+        done = users.events("done")
+        # a user's file is dirty from its first durable write on: an eviction run begun after it must skip it
+        for rel in mine:
+            durable = [t for w in [writer] for t, line in w.lines if line.startswith("done ")
+                       and any(o.rel == rel and o.i == int(line.split()[1]) and o.kind != "nosync" for o in users.ops)]
+            for start, _end, evicted in runs:
+                if durable and start > min(durable) and rel in evicted:
+                    failed.append(f"{rel}: evicted by a run begun after a user's durable write")
+        c.reboot()
+        what = (f"round {k}: cut {pause:.2f} s after the first eviction, after {before} evictions "
+                f"({len(runs)} evict runs finished), {len([o for o in users.ops if o.rel in mine and o.i in done])}"
+                f" of {len([o for o in users.ops if o.rel in mine])} user writes")
+        print(summary(c), f"({what})")
+        cuts.append(what)
+        assert before > 0, f"{c.fstype}: round {k}: no eviction before the cut: {evictor.lines[-5:]}"
+        round_bad = failed + verify(c, users)
+        bad += [f"round {k}: {b}" for b in round_bad]
+        if round_bad:
+            break  # the next round would only pile on
+    print(f"{c.fstype}: " + "; ".join(cuts))
+    assert not bad, report(c, bad, f"seed {seed}; " + "; ".join(cuts))
+
+
+def test_cut_during_offline_eviction(crash: Crash, source: Source) -> None:
+    """`hsmfs evict STORE/tree` on a store no mount serves (so no marks), cut by the power.
+
+    The store was unmounted cleanly, so after the cut nothing downgrades its resident records:
+    the next session trusts them as they are. A syncfs every 5-50 ms (the journal's periodic
+    commit, sped up) makes some evictions durable, whole or half done. The cut comes once a random
+    number of files has a "stub" record; then (a, b, c) on a new view, which refills everything,
+    and it is unmounted cleanly again for the next round (HSMFS_CRASH_EVICT_ROUNDS).
+    """
+    c = crash
+    rnd = random.Random()
+    seed = rnd.randrange(1 << 30)
+    rnd.seed(seed)
+    c.mount(commit_interval=0.05)
+    read_all(c, source.rels)
+    c.flush()
+    c.umount()
+    bad: list[str] = []
+    cuts: list[str] = []
+    for k in range(EVICT_ROUNDS):
+        base = stub_records(c, source.rels)
+        goal = rnd.randint(1, (len(source.rels) - base) * 7 // 8)
+        # the journal's own periodic commits (5 s on ext4, 30 s on xfs) would rarely land in a run this
+        # short: a syncfs every 5-50 ms stands in for them, so some evictions are durable at the cut
+        c.spawn(SYNCER, c.disk.mnt, str(rnd.randrange(1 << 30)))
+        w = c.spawn(CLI, "evict", "--json", os.path.join(c.store, "tree"))
+        _wait(lambda b=base, g=goal, w=w: stub_records(c, source.rels) - b >= g or w.proc.poll() is not None, 120,
+              f"{goal} evictions", step=0.002)
+        before = stub_records(c, source.rels) - base
+        finished = w.proc.poll() is not None
+        c.cut()
+        c.reboot()
+        durable = sum(c.raw[r].state == "stub" for r in source.rels) - base
+        what = (f"round {k}: cut after {before} evictions (goal {goal}; {durable} stub records durable)"
+                + (" AFTER hsmfs evict had finished" if finished else ""))
+        print(summary(c), f"({what})")
+        cuts.append(what)
+        assert before > 0, f"{c.fstype}: round {k}: no eviction before the cut: {w.lines[-5:]}"
+        round_bad = verify(c, cut_session=False)
+        bad += [f"round {k}: {b}" for b in round_bad]
+        c.umount()
+        if round_bad:
+            break
+    print(f"{c.fstype}: " + "; ".join(cuts))
+    assert not bad, report(c, bad, f"seed {seed}; " + "; ".join(cuts))
+
+
+def test_offline_evict_after_cut_keeps_fdatasync_writes(crash: Crash, source: Source) -> None:
+    """`hsmfs evict STORE/tree` after a power cut, before any mount: fdatasync'd user writes stay.
+
+    H: resident (committed), then a user's pwrite and fdatasync, then the cut (as in scenario 4:
+    the data is durable, the new mtime that marks the file dirty is not). The store says its
+    session was cut ("mounted" in hsmfs.json), so its "resident" records claim nothing; a mount
+    would turn them into "unverified" and compare each with its source. An offline eviction must
+    distrust them the same way: evicting H on its record's word throws the user's bytes away.
+    """
+    c = crash
+    rnd = random.Random(5)
+    pool = source.sized(64 * 1024)
+    rnd.shuffle(pool)
+    h = pool[:5]
+    c.mount(commit_interval=0.05)
+    read_all(c, h)
+    c.flush()
+    c.umount()
+    c.mount(commit_interval=30)
+    assert set(c.stat(h).values()) == {"resident"}
+    users = Users(c)
+    users.run(plan_writes(users, rnd, source, h, ["datasync"], most=1)).finish()
+    c.cut()
+    c.disk.restart()  # the reboot, without mounting: nobody serves the store
+    stored = tree.Store.load(c.store)
+    assert stored is not None and stored.mounted, "the cut store does not say its last session ended uncleanly"
+    lost_mtime = [r for r in h if tree.file_state(tree.read_record(c.backing(r)), os.lstat(c.backing(r))) == "resident"]
+    out = hsmfs("evict", "--json", *[c.backing(r) for r in h], check=False)
+    rows = {os.path.relpath(r["path"], os.path.join(c.store, "tree")): r for r in json.loads(out.stdout or "[]")}
+    c.raw = {rel: Raw.of(c.backing(rel)) for rel in source.rels}
+    c.unclean = True
+    c.mount(commit_interval=0.05)
+    bad = [f"{rel}: holds a user's fdatasync'd write (its record still said resident after the cut), and the "
+           f"offline hsmfs evict evicted it: {rows[rel]}" for rel in h if rows.get(rel, {}).get("evicted")]
+    bad += verify(c, users)
+    print(f"{c.fstype}: {len(lost_mtime)} of {len(h)} files lost their new mtime in the cut; offline evict: "
+          f"{out.stderr.strip()}")
+    assert not bad, report(c, bad, f"offline hsmfs evict after a cut ({len(lost_mtime)} of {len(h)} files "
+                                   "lost their new mtime)")
+
+
+def test_evict_unverified_after_cut(crash: Crash, source: Source) -> None:
+    """`hsmfs evict` through the filler, first thing after a cut: the records are "unverified".
+
+    The new session turned the cut session's resident records into "unverified"; evicting one
+    compares it with its source under the write lease. That must neither stall the filler (an
+    eviction is quick; a reader of another file is served meanwhile) nor call the file in use:
+    nobody has it open, and it equals its source, so it is evicted.
+    """
+    c = crash
+    pool = source.sized(64 * 1024)
+    victim, other = pool[0], pool[1]
+    c.mount(commit_interval=0.05)
+    read_all(c, [victim])
+    c.flush()
+    c.cut()
+    c.reboot()
+    assert c.stat([victim, other]) == {victim: "unverified", other: "stub"}
+    t0 = time.monotonic()
+    ev = subprocess.Popen([sys.executable, "-m", "hsmfs", "evict", "--json", c.view(victim)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bad = []
+    try:
+        time.sleep(1)
+        h = c.spawn(HASHER, c.view(other))
+        try:
+            h.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            bad.append(f"{other}: a read through the view waited more than 10 s while {victim} was being evicted")
+        h.kill()
+        try:
+            out, err = ev.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            with open("/proc/sys/fs/lease-break-time") as f:
+                lease_break = f.read().strip()
+            bad.append(f"hsmfs evict of one unverified file took more than 20 s (lease-break-time is {lease_break} s)")
+            out, err = "", ""
+    finally:
+        if ev.poll() is None:
+            ev.kill()
+            ev.communicate()
+    took = time.monotonic() - t0
+    rows = json.loads(out) if out.strip() else []
+    if rows and not rows[0]["evicted"]:
+        bad.append(f"{victim}: unverified, equal to its source, used by nobody, not evicted: {rows[0]['reason']}")
+    print(f"{c.fstype}: evicting one unverified file took {took:.1f} s: {rows} {err.strip()}")
+    assert not bad, report(c, bad, f"evicting an unverified file ({took:.1f} s)")

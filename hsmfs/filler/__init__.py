@@ -24,7 +24,7 @@ from typing import Optional
 
 from hsmfs import tree
 from hsmfs.filler.budget import Budget, Scan, evict_lru, scan
-from hsmfs.filler.evict import FILLING, IN_USE, Outcome, evict_file
+from hsmfs.filler.evict import DIRTY, FILLING, IN_USE, Outcome, evict_file
 from hsmfs.filler.hydrate import FILLED, RESIDENT, USERS, FillError, hydrate
 from hsmfs.filler.journal import Journal
 from hsmfs.linux import fanotify as fan
@@ -571,10 +571,23 @@ class Filler:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with self._evict_lock:
-            with self._lock:
-                if key in self._inflight or any(p.key == key for p in self._pending):
-                    return Outcome(False, FILLING)
-            outcome = evict_file(fd, self.source, self.paths, _EvictMarks(self, key))
+            rec = tree.read_record(fd)
+            if rec is not None and tree.file_state(rec, st) == "unverified":
+                # It still carries the stub's mark, so our own I/O on it raises events, and opening
+                # their fds would break our own lease: compare it with its source first, as a fill
+                # does, commit that, and evict it as the resident (or dirty) file it turns out to be.
+                # (fd was opened under the stub's mark, so its I/O raises events: from here on the
+                # ignore mark the commit put on silences them)
+                why = self._verify(fd, key, rec)
+                if why is not None:
+                    return Outcome(False, why)
+            return self._evict_settled(fd, key)
+
+    def _evict_settled(self, fd: int, key: Key) -> Outcome:
+        with self._lock:
+            if key in self._inflight or any(p.key == key for p in self._pending + self._committing):
+                return Outcome(False, FILLING)
+        outcome = evict_file(fd, self.source, self.paths, _EvictMarks(self, key))
         if outcome.evicted:
             with self._lock:
                 self.stats.evictions += 1
@@ -582,6 +595,36 @@ class Filler:
             if self.budget is not None:
                 self.budget.freed(outcome.freed)
         return outcome
+
+    def _verify(self, fd: int, key: Key, rec: tree.Record) -> Optional[str]:
+        """Compare an unverified file with its source (filling any holes) and commit the verdict, as a
+        fill would; readers that come meanwhile wait for it. None, or why it cannot be evicted."""
+        with self._lock:
+            if key in self._inflight:
+                return FILLING
+            self._inflight[key] = []
+        outcome: Optional[str] = None
+        try:
+            outcome = hydrate(fd, rec, os.fstat(fd), self.source, self.paths.get(rec.path_id))
+        except (FillError, tree.RecordError, OSError) as e:
+            log.error("cannot compare %s with its source before evicting it: %s", _fd_path(fd), e)
+        with self._lock:
+            waiters = self._inflight.pop(key)
+            if outcome is not None:
+                self._known[key] = outcome
+        response = fan.FAN_ALLOW if outcome is not None else fan.deny_errno(self.policy.source_errno)
+        for w in waiters:
+            if not w.answered:
+                self._answer_waiter(w, response)
+            os.close(w.ev.fd)
+        if outcome is None:
+            return "cannot compare it with its source (see the log)"
+        self._commit([_Pending(key, os.dup(fd), rec, "resident" if outcome == FILLED else "dirty")])
+        if outcome != FILLED:
+            return DIRTY
+        now = tree.read_record(fd)
+        return None if now is not None and now.state == "resident" else "its comparison with the source could not " \
+            "be committed (see the log)"
 
     def status(self) -> dict[str, object]:
         with self._lock:

@@ -86,8 +86,14 @@ def precheck(fd: int) -> Optional[str]:
     return None
 
 
-def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[Marks] = None) -> Outcome:
+def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[Marks] = None, *,
+               distrust: bool = False) -> Outcome:
     """Evict the file behind fd, an O_RDWR fd on the store opened by the caller (who closes it).
+
+    distrust: treat a resident record as unverified (compare the file with its source first): the
+    store's last session ended uncleanly and no session has downgraded its records since. With
+    marks (a live group) unverified files must have been verified already (Filler.evict_fd): their
+    stub mark would raise events for our own I/O under the lease.
 
     Raises OSError only for failures of the filesystem itself; every reason to leave a file
     alone is an :class:`Outcome` that says why.
@@ -109,7 +115,7 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
         st = os.fstat(fd)
         rec = tree.read_record(fd)
         assert rec is not None  # precheck
-        src_fd, why = _open_source(fd, rec, st, source, paths)
+        src_fd, why = _open_source(fd, rec, st, source, paths, distrust=distrust)
         if src_fd is None:
             return Outcome(False, why)
         try:
@@ -133,8 +139,8 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
             release_lease(fd)
 
 
-def _open_source(fd: int, rec: tree.Record, st: os.stat_result, source: Source,
-                 paths: tree.PathTable) -> tuple[Optional[int], str]:
+def _open_source(fd: int, rec: tree.Record, st: os.stat_result, source: Source, paths: tree.PathTable, *,
+                 distrust: bool) -> tuple[Optional[int], str]:
     """(fd of the source object, "") if the source still holds what the stub will describe and, for
     an unverified file, the file still equals it; else (None, why the file must stay)."""
     try:
@@ -146,7 +152,7 @@ def _open_source(fd: int, rec: tree.Record, st: os.stat_result, source: Source,
         if sst.st_size != rec.size or sst.st_mtime_ns != rec.mtime_ns:
             why = SOURCE_CHANGED
         # unverified: a session ended uncleanly, and a user's fdatasync'd write may hide under the record
-        elif rec.state == "unverified" and not same_as_source(fd, src_fd, 0, st.st_size):
+        elif (rec.state == "unverified" or distrust) and not same_as_source(fd, src_fd, 0, st.st_size):
             tree.write_record(fd, rec.with_state("dirty"))
             why = DIRTY
         else:
