@@ -30,7 +30,7 @@ resident file whose size or mtime no longer match the record was changed by a us
 Files, directories, symlinks and special files without a record were made by users of the view
 (state ``"local"``). Hardlinks share one inode and so one record.
 
-A pinned file also carries ``trusted.hsmfs.pin`` (one byte, ``1``): eviction, by hand or for the
+A pinned file also carries ``trusted.hsmfspin`` (one byte, ``1``): eviction, by hand or for the
 space budget, never touches it. It is apart from the record so that a commit rewriting the record
 can never drop a pin set meanwhile.
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 XATTR = "trusted.hsmfs"
-PIN_XATTR = "trusted.hsmfs.pin"
+PIN_XATTR = "trusted.hsmfspin"  # 8 characters after "trusted.": ext4 keeps it in the inode beside the record
 SCHEMA = 1
 STATES = ("stub", "resident", "dirty", "unverified")
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
