@@ -5,8 +5,10 @@ inode however many events wait on it), one committer (group commit: one syncfs m
 fills durable before their records say "resident" and their ignore marks go on), and with a space
 budget one evictor (hsmfs.filler.budget). Evictions (hsmfs.filler.evict) run one at a time.
 
-This process never opens a file through a view or the store tree: it touches stubs only through
-event fds (FMODE_NONOTIFY, so no events of its own) and reads the source, which no mark covers.
+This process never opens a file through a view. It touches the tree through event fds and its own
+fds on the store (opened by handle for fills, by handle or store path for evictions); the events
+its own opens and I/O raise are answered at once by the reader thread (its pid), and it never does
+I/O on a watched file while holding that file's lease. It reads the source, which no mark covers.
 """
 
 from __future__ import annotations
@@ -573,11 +575,10 @@ class Filler:
         with self._evict_lock:
             rec = tree.read_record(fd)
             if rec is not None and tree.file_state(rec, st) == "unverified":
-                # It still carries the stub's mark, so our own I/O on it raises events, and opening
-                # their fds would break our own lease: compare it with its source first, as a fill
-                # does, commit that, and evict it as the resident (or dirty) file it turns out to be.
-                # (fd was opened under the stub's mark, so its I/O raises events: from here on the
-                # ignore mark the commit put on silences them)
+                # It still carries the stub's mark, so I/O through fd (opened under it) raises
+                # events, and opening their fds would break our own lease: compare it with its
+                # source first, as a fill does, and commit that; the ignore mark the commit puts on
+                # silences fd from then on, and it is evicted as the resident file it turned out to be.
                 why = self._verify(fd, key, rec)
                 if why is not None:
                     return Outcome(False, why)
