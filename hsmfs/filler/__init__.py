@@ -286,6 +286,13 @@ class Filler:
         with self._lock:
             known = self._known.get(key)
             busy = key in self._inflight
+        if known in (FILLED, RESIDENT) and not busy and not self._holds_data(ev.fd, st):
+            # never allow a read of holes on the word of our memory alone: fill it again
+            log.warning("%s was filled, but is a stub without its data now: filling it again", _fd_path(ev.fd))
+            with self._lock:
+                if self._known.get(key) == known:
+                    del self._known[key]
+            known = None
         if known is None and not busy and self._settled_on_disk(ev.fd, st):
             # resident (or a user's own file) whose evictable mark went with its inode, after a
             # cache drop or a restart: re-mark and allow here, no journal, no worker, no fill
@@ -309,6 +316,16 @@ class Filler:
             self._answer(ev, fan.FAN_ALLOW)
             return
         self._pool.submit(self._fill, key, ev, st)
+
+    @staticmethod
+    def _holds_data(fd: int, st: os.stat_result) -> bool:
+        """Whether a file we filled still holds its data: committed resident (or a user's by now),
+        or, before its commit, blocks (an empty file needs none)."""
+        try:
+            rec = tree.read_record(fd)
+        except (OSError, tree.RecordError):
+            return True  # the fill path reports it
+        return rec is None or tree.file_state(rec, st) != "stub" or st.st_blocks > 0 or st.st_size == 0
 
     @staticmethod
     def _settled_on_disk(fd: int, st: os.stat_result) -> bool:
@@ -377,6 +394,13 @@ class Filler:
         non-evictable inode mark goes first; a read in between through the view is answered at
         once (the file is known), through any other path it sees the file's real data.
         """
+        try:  # a stub keeps its mark, whatever our memory says: its holes must never be read
+            rec = tree.read_record(fd)
+            if rec is not None and tree.file_state(rec, os.fstat(fd)) in ("stub", "unverified"):
+                log.warning("not marking %s as settled: it is a stub", _fd_path(fd))
+                return
+        except (OSError, tree.RecordError):
+            pass
         # by /proc path: fd may be an O_PATH fd, which fanotify_mark(fd, NULL) refuses
         try:
             fan.mark(self.group, fan.FAN_MARK_REMOVE, MASK, fan.AT_FDCWD, _proc(fd))

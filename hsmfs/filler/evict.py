@@ -103,7 +103,7 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
         return Outcome(False, why)
     if marks is not None:
         marks.arm(fd)
-    leased = done = False
+    leased = stubbed = done = False
     try:
         leased = take_write_lease(fd)
         if not leased:
@@ -121,6 +121,7 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
         try:
             before = st.st_blocks * 512
             tree.write_record(fd, rec.with_state("stub"))  # before the punch: never "resident" over holes
+            stubbed = True
             punch(fd, 0, st.st_size, st.st_size)
             # whatever a filesystem kept must still be the source's bytes, or a refill takes it for a user's
             for start, end in data_regions(fd, st.st_size):
@@ -134,7 +135,8 @@ def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[M
         return Outcome(True, freed=max(0, before - os.fstat(fd).st_blocks * 512))
     finally:
         if marks is not None and not done:
-            marks.disarm(fd)
+            # a failure after the record says stub leaves a stub: its mark must work, not be silenced
+            (marks.release if stubbed else marks.disarm)(fd)
         if leased:
             release_lease(fd)
 
