@@ -97,16 +97,33 @@ def supervisor_exits(v: View, pid: int) -> None:
         raise AssertionError(f"{e}\n{v.log[-3000:]}") from None
 
 
+def refused(v: View, mentioned: str) -> str:
+    """hsmfs umount without --lazy: exit 75, the other mount named, the view still mounted."""
+    r = hsmfs("umount", v.target, check=False)
+    assert r.returncode == 75, r.stderr
+    assert mentioned in r.stderr, r.stderr
+    assert is_mountpoint(v.target)
+    return r.stderr
+
+
+def detach_lazily(v: View) -> tuple[int, str]:
+    """hsmfs umount --lazy, and the supervisor sees the view go; (supervisor pid, umount's stderr)."""
+    pid: int = v.status()["pid"]
+    r = hsmfs("umount", "--lazy", v.target)
+    assert not is_mountpoint(v.target)
+    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+    return pid, r.stderr
+
+
 def test_umount_refused_while_a_bind_mount_exists(view: tuple[View, dict[str, bytes]],
                                                   mounts: Callable[..., str]) -> None:
     v, want = view
     bind = mounts("--bind", v.target)
     before = v.status()
-    r = hsmfs("umount", v.target, check=False)
-    assert r.returncode == 75, r.stderr
-    assert f"at {bind} (bind mount)" in r.stderr and "--lazy" in r.stderr, r.stderr
+    err = refused(v, f"at {bind} (bind mount)")
+    assert "--lazy" in err, err
     # nothing changed: the view is mounted, the same filler serves both paths
-    assert is_mountpoint(v.target) and is_mountpoint(bind)
+    assert is_mountpoint(bind)
     after = v.status()
     assert (after["pid"], after["filler_pid"], after["view_mounted"]) == (before["pid"], before["filler_pid"], True)
     for i, rel in enumerate(sorted(want)):
@@ -117,11 +134,8 @@ def test_lazy_umount_serves_a_bind_mount_until_it_goes(view: tuple[View, dict[st
                                                        mounts: Callable[..., str]) -> None:
     v, want = view
     bind = mounts("--bind", v.target)
-    pid = v.status()["pid"]
-    r = hsmfs("umount", "--lazy", v.target)
-    assert f"at {bind} (bind mount)" in r.stderr, r.stderr
-    assert not is_mountpoint(v.target)
-    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+    pid, err = detach_lazily(v)
+    assert f"at {bind} (bind mount)" in err, err
     st = v.status()
     assert st["view_mounted"] is False and f"at {bind} (bind mount)" in st["other_mounts"], st
     for rel in sorted(want):  # never read before: each one is filled now, through the bind mount
@@ -149,14 +163,8 @@ def test_plain_umount_of_the_view_keeps_a_bind_mount_served(view: tuple[View, di
 def test_copy_in_a_later_namespace(view: tuple[View, dict[str, bytes]], namespace: Callable[..., int]) -> None:
     v, want = view
     ns = namespace()
-    r = hsmfs("umount", v.target, check=False)
-    assert r.returncode == 75, r.stderr
-    assert f"in the mount namespace of pid {ns} at {v.target}" in r.stderr, r.stderr
-    assert is_mountpoint(v.target)
-    pid = v.status()["pid"]
-    hsmfs("umount", "--lazy", v.target)
-    assert not is_mountpoint(v.target)
-    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+    refused(v, f"in the mount namespace of pid {ns} at {v.target}")
+    pid, _ = detach_lazily(v)
     for rel in sorted(want):
         assert cat(v.path(rel), ns=ns) == want[rel], rel
     assert os.path.exists(f"/proc/{pid}")
@@ -173,14 +181,9 @@ def test_overlay_over_the_view(view: tuple[View, dict[str, bytes]], mounts: Call
         os.mkdir(upper)
         os.mkdir(work)
         merged = mounts("-t", "overlay", "overlay", "-o", f"lowerdir={v.target},upperdir={upper},workdir={work}")
-        r = hsmfs("umount", v.target, check=False)
-        assert r.returncode == 75, r.stderr
-        assert f"under an overlay at {merged}" in r.stderr, r.stderr
-        assert is_mountpoint(v.target)
+        refused(v, f"under an overlay at {merged}")
         # the overlay keeps its own clone of the view: it is still found once the view is gone
-        pid = v.status()["pid"]
-        hsmfs("umount", "--lazy", v.target)
-        wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+        pid, _ = detach_lazily(v)
         for rel in sorted(want):
             assert cat(os.path.join(merged, rel)) == want[rel], rel
         assert os.path.exists(f"/proc/{pid}")
