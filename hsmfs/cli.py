@@ -32,7 +32,7 @@ from hsmfs.errors import (
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.policy import load_policy
-from hsmfs.views import is_mountpoint
+from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
 STORE_ROOT = "/var/lib/hsmfs"
 LOG_DIR = "/var/log/hsmfs"
@@ -87,6 +87,14 @@ def _find(target_or_name: str) -> RuntimeRecord:
     for rt in recs:
         if rt.name == target_or_name or (path is not None and rt.target == path and rt.namespace is None):
             return rt
+    # a view in another mount namespace, named by its path there, when that names only one
+    there = [rt for rt in recs if rt.namespace is not None and os.path.isabs(target_or_name)
+             and rt.target == os.path.normpath(target_or_name)]
+    if len(there) == 1:
+        return there[0]
+    if there:
+        raise UsageError(f"{target_or_name} names views in {len(there)} mount namespaces",
+                         hint="give the mount name instead: " + ", ".join(rt.name for rt in there))
     raise NotMounted(f"no running hsmfs mount at or named {target_or_name}",
                      hint="'hsmfs status' lists running mounts")
 
@@ -106,15 +114,21 @@ def mount(
     Builds the stub tree in the store if it is not there yet (resuming an interrupted build),
     starts the filler in the background and returns once the view is live.
     """
-    st, tgt = prepare_mount(source, target, name=name, store=store, config=config, namespace=namespace)
-    _start_daemon(st, tgt, namespace, config)
+    ns = open_namespace(namespace) if namespace is not None else None
+    try:
+        st, tgt = prepare_mount(source, target, name=name, store=store, config=config, namespace=ns)
+        _start_daemon(st, tgt, ns, config)
+    finally:
+        if ns is not None:
+            os.close(ns.fd)
 
 
 def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store: Optional[str] = None,
-                  config: Optional[str] = None, namespace: Optional[str] = None) -> tuple[tree.Store, str]:
+                  config: Optional[str] = None, namespace: Optional[Namespace] = None) -> tuple[tree.Store, str]:
     """Everything ``hsmfs mount`` does before it starts the filler: checks, store, stub tree.
 
-    Returns the store and the resolved target. mount.hsmfs calls it too (hsmfs.mounthelper).
+    Returns the store and the resolved target (with namespace, a path in that namespace).
+    mount.hsmfs calls it too (hsmfs.mounthelper).
     """
     _need_root("hsmfs mount")
     load_policy(config)  # a bad policy fails here, before anything changes
@@ -188,19 +202,21 @@ def _populate(src: str, st: tree.Store) -> None:
           f"({_size(stats.bytes)} in the source)", file=sys.stderr)
 
 
-def _start_daemon(st: tree.Store, target: str, namespace: Optional[str], config: Optional[str]) -> None:
+def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str]) -> None:
     os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
     log_path = os.path.join(LOG_DIR, st.name + ".log")
     r, w = os.pipe2(os.O_CLOEXEC)
     cmd = [sys.executable, "-m", "hsmfs.daemon", "--store", st.path, "--target", target,
            "--ready-fd", str(w), "--log", log_path]
-    if namespace:
-        cmd += ["--namespace", namespace]
+    fds: tuple[int, ...] = (w,)
+    if namespace is not None:
+        cmd += ["--ns-fd", str(namespace.fd), "--namespace", namespace.label]
+        fds += (namespace.fd,)
     if config:
         cmd += ["--config", os.path.abspath(config)]
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=fds,
                                 start_new_session=True, cwd="/")
     os.close(w)
     with os.fdopen(r, "rb") as ready:
@@ -208,7 +224,7 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[str], config:
             raise HsmfsError(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
         line = ready.readline().decode().strip()
     if line == "ready":
-        where = f"{target} (namespace {namespace})" if namespace else target
+        where = f"{target} (mount namespace of {namespace.label})" if namespace else target
         print(f"hsmfs: {st.source} is live at {where} (filler pid {proc.pid}, log {log_path})", file=sys.stderr)
         return
     proc.wait()

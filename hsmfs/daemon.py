@@ -33,7 +33,15 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
-from hsmfs.views import attach, detach, marked_mount, ns_inode, ns_path, other_mounts, source_restrictions
+from hsmfs.views import (
+    attach,
+    detach,
+    find_namespace,
+    marked_mount,
+    ns_inode,
+    other_mounts,
+    source_restrictions,
+)
 
 log = logging.getLogger("hsmfs.daemon")
 
@@ -73,6 +81,14 @@ def mark_tree(group: int, root: str) -> tuple[int, int]:
             except (OSError, tree.RecordError) as e:
                 log.warning("cannot mark %s: %s", path, e)
     return stubs, settled
+
+
+def namespace_alive(inode: int) -> bool:
+    fd = find_namespace(inode)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def view_alive(group: int) -> bool:
@@ -177,8 +193,12 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
 
 
 class Supervisor:
-    def __init__(self, store: tree.Store, target: str, namespace: Optional[str], config: Optional[str],
-                 log_path: str) -> None:
+    """nsfd: the mount namespace the view goes to (passed by ``hsmfs mount --namespace``, checked
+    there); used to attach the view, then closed: the supervisor does not keep the namespace alive,
+    so a view ends with its namespace, when the last process in it exits (a container stops)."""
+
+    def __init__(self, store: tree.Store, target: str, config: Optional[str], log_path: str, *,
+                 nsfd: Optional[int] = None, namespace: Optional[str] = None) -> None:
         self.store = store
         self.target = target
         self.namespace = namespace
@@ -187,38 +207,36 @@ class Supervisor:
         self.terms = 0
         self._busy_logged = False
         self.group = -1
-        self.nsfd: Optional[int] = None
-
-    @property
-    def ns_file(self) -> Optional[str]:
-        return f"/proc/{os.getpid()}/fd/{self.nsfd}" if self.nsfd is not None else None
+        self.nsfd = nsfd
+        self.ns = os.fstat(nsfd).st_ino if nsfd is not None else None
 
     def start_filler(self, restarts: int) -> tuple[subprocess.Popen[bytes], int]:
         r, w = os.pipe2(os.O_CLOEXEC)
         cmd = [sys.executable, "-m", "hsmfs.filler", "--group-fd", str(self.group), "--store", self.store.path,
                "--target", self.target, "--ready-fd", str(w), "--restarts", str(restarts)]
-        if self.ns_file:
-            cmd += ["--ns-file", self.ns_file]
+        if self.ns is not None:
+            cmd += ["--ns", str(self.ns)]
         if self.config:
             cmd += ["--config", self.config]
-        fds = (self.group, w) + ((self.nsfd,) if self.nsfd is not None else ())
+        fds = (self.group, w)
         proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, cwd="/")
         os.close(w)
         return proc, r
 
     def run(self, ready_fd: int) -> int:
         self.group = new_group()
-        if self.namespace is not None:
-            self.nsfd = os.open(ns_path(self.namespace), os.O_RDONLY | os.O_CLOEXEC)
         mnt_id = attach_view(self.group, self.store, self.target, load_policy(self.config), nsfd=self.nsfd,
                              namespace=self.namespace)
+        if self.nsfd is not None:
+            os.close(self.nsfd)
+            self.nsfd = None
         rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                            source=self.store.source, target=self.target, namespace=self.namespace,
                            mnt_id=mnt_id, log=self.log_path)
         rt.save()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        others = OtherMountsWatch(self.store.tree, self.target, ns_inode(self.ns_file))
+        others = OtherMountsWatch(self.store.tree, self.target, self.ns if self.ns is not None else ns_inode())
         restarts, backoff = 0, 0.0
         detached = False  # by a SIGTERM
         proc, ready_r = self.start_filler(restarts)
@@ -238,14 +256,18 @@ class Supervisor:
                 code = proc.poll()
                 alive = view_alive(self.group)
                 if not alive and not others.keep_serving():
-                    log.info("view %s is gone; stopping", self.target)
+                    if self.ns is not None and not namespace_alive(self.ns):
+                        log.info("the mount namespace of view %s (%s) is gone: every process in it exited; "
+                                 "stopping", self.target, self.namespace)
+                    else:
+                        log.info("view %s is gone; stopping", self.target)
                     break
                 if alive and self.terms and not detached:
                     detached = self._try_umount(lazy=self.terms > 1)
                 if code is not None and not ready_sent:
                     # never live: take the view away before the group goes, or it would fail open
                     log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
-                    detach(self.target, lazy=True, ns_file=self.ns_file)
+                    detach(self.target, lazy=True, ns=self.ns)
                     os.write(ready_fd, f"error 70 the filler could not start ({_how(code)})\n".encode())
                     return 70
                 if code is not None:
@@ -284,7 +306,7 @@ class Supervisor:
         The supervisor stops once the view's mark is gone and no other mount of the tree is left.
         """
         try:
-            detach(self.target, lazy=lazy, ns_file=self.ns_file)
+            detach(self.target, lazy=lazy, ns=self.ns)
             return True
         except OSError as e:
             if not self._busy_logged:  # tried every POLL: say it once
@@ -308,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hsmfs.daemon")
     ap.add_argument("--store", required=True)
     ap.add_argument("--target", required=True)
-    ap.add_argument("--namespace")
+    ap.add_argument("--ns-fd", type=int, help="fd of the mount namespace to attach the view in")
+    ap.add_argument("--namespace", help="how the user named that namespace, for messages")
     ap.add_argument("--config")
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--log", default="")
@@ -320,7 +343,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         store = tree.Store.load(args.store)
         if store is None:
             raise HsmfsError(f"{args.store} is not an hsmfs store")
-        return Supervisor(store, args.target, args.namespace, args.config, args.log).run(ready_fd)
+        return Supervisor(store, args.target, args.config, args.log, nsfd=args.ns_fd,
+                          namespace=args.namespace).run(ready_fd)
     except (HsmfsError, OSError) as e:
         code = e.exit_code if isinstance(e, HsmfsError) else 71  # EX_OSERR
         msg = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"

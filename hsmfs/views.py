@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
+from hsmfs.errors import NotPermitted, UsageError
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.mount import (
     MOUNT_ATTR__ATIME,
@@ -21,11 +23,67 @@ from hsmfs.linux.mount import (
     setns,
     umount,
 )
+from hsmfs.linux.ns import is_mount_ns, mount_ns_of_pid, owner_userns_inode
 
 
-def ns_path(namespace: str) -> str:
-    """--namespace PID|NSFILE -> the mount namespace file."""
-    return f"/proc/{namespace}/ns/mnt" if namespace.isdigit() else namespace
+@dataclass(frozen=True)
+class Namespace:
+    """A mount namespace named on the command line (``--namespace PID|NSFILE``), opened and checked."""
+
+    fd: int  # an fd of the namespace (the caller closes it)
+    inode: int  # what names it from now on: no pid, no path
+    label: str  # for messages: "pid 1234" or the file given
+
+
+def open_namespace(spec: str) -> Namespace:
+    """Open the mount namespace named by spec, a pid or a namespace file, and check that hsmfs may use it.
+
+    A pid is resolved through a pidfd (no recycled pid can redirect it). The namespace must be
+    owned by hsmfs's own user namespace: in one owned by another user namespace its owner, often
+    an unprivileged user, controls every mount and every binary, and can unmount, cover or copy
+    the view at will (docs/security.md).
+    """
+    label = f"pid {spec}" if spec.isdigit() else spec
+    try:
+        fd = mount_ns_of_pid(int(spec)) if spec.isdigit() else os.open(spec, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        what = "no process" if e.errno == errno.ESRCH else f"cannot open its mount namespace ({e.strerror})"
+        raise UsageError(f"--namespace {spec}: {what}",
+                         hint="give the pid of a running process, or a mount namespace file such as "
+                         "/proc/PID/ns/mnt") from None
+    try:
+        if not is_mount_ns(fd):
+            raise UsageError(f"--namespace {spec}: not a mount namespace",
+                             hint="give a pid, or a file such as /proc/PID/ns/mnt")
+        if owner_userns_inode(fd) != os.stat("/proc/self/ns/user").st_ino:
+            raise NotPermitted(f"--namespace {spec}: that mount namespace belongs to another user namespace "
+                               "(a rootless container or 'unshare -U'); its owner controls its mounts and "
+                               "binaries, so hsmfs does not put views there",
+                               hint="attach the view on the host and bind-mount it into the container instead")
+        return Namespace(fd, os.fstat(fd).st_ino, label)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def find_namespace(inode: int) -> Optional[int]:
+    """An fd of the live mount namespace with that inode number, or None once no process is left in it.
+
+    Looked up among /proc/PID/ns/mnt and checked on the opened fd, so a pid that is reused meanwhile
+    can only make the lookup miss, never open another namespace.
+    """
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        path = f"/proc/{pid}/ns/mnt"
+        try:
+            if os.stat(path).st_ino != inode:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if os.fstat(fd).st_ino == inode:
+            return fd
+        os.close(fd)
+    return None
 
 
 def mount_id(fd: int) -> int:
@@ -51,9 +109,7 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
            restrict: int = 0, strictatime: bool = False) -> int:
     """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
 
-    With nsfd, the move happens in that mount namespace, from a forked child: setns(CLONE_NEWNS)
-    needs a single-threaded caller, and the caller (the daemon before its threads start) stays
-    in its own namespace.
+    With nsfd, the move happens in that mount namespace (:func:`in_namespace`).
     """
     mfd = open_tree_clone(tree)
     try:
@@ -66,15 +122,23 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
         if nsfd is None:
             move_mount(mfd, target)
         else:
-            _in_namespace(nsfd, lambda: move_mount(mfd, target))
+            in_namespace(nsfd, lambda: move_mount(mfd, target))
         return mnt
     finally:
         os.close(mfd)
 
 
-def _in_namespace(nsfd: int, action: Callable[[], None]) -> None:
+def in_namespace(nsfd: int, action: Callable[[], None]) -> None:
+    """Run action in the mount namespace nsfd, in a forked child; OSError if it fails there.
+
+    A child, because setns(CLONE_NEWNS) needs a single-threaded caller and the caller stays where it
+    is. The child runs nothing but system calls through functions already loaded: no program of
+    that namespace, no import (its files are whatever that namespace shows), then _exit.
+    """
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    with warnings.catch_warnings():  # 3.12+ warns about fork in a threaded process; the child only makes syscalls
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # child: single-threaded, only syscalls, then _exit
         code = 0
         try:
@@ -84,6 +148,8 @@ def _in_namespace(nsfd: int, action: Callable[[], None]) -> None:
         except OSError as e:
             os.write(w, f"{e.errno}:{e}".encode())
             code = 1
+        except BaseException:
+            code = 2
         os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as f:
@@ -91,19 +157,26 @@ def _in_namespace(nsfd: int, action: Callable[[], None]) -> None:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         err, _, text = msg.partition(":")
-        raise OSError(int(err) if err.isdigit() else 5, text or f"namespace helper failed ({status})")
+        raise OSError(int(err) if err.isdigit() else errno.EIO, text or f"namespace helper failed ({status})")
 
 
-def detach(target: str, *, lazy: bool = False, ns_file: Optional[str] = None) -> None:
-    """Unmount a view. In another namespace this runs nsenter(1): the daemon has threads by now."""
-    if ns_file is None:
+def detach(target: str, *, lazy: bool = False, ns: Optional[int] = None) -> None:
+    """Unmount a view; ns is the inode of its mount namespace when it is not ours.
+
+    There, umount2 runs in a forked child that joined the namespace (:func:`in_namespace`): never
+    a program of that namespace, whose binaries its owner may have replaced. A namespace with no
+    process left took its mounts, the view among them, with it: nothing to do.
+    """
+    if ns is None or ns == ns_inode():
         umount(target, lazy=lazy)
         return
-    cmd = ["nsenter", f"--mount={ns_file}", "umount", *(["-l"] if lazy else []), target]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        err = 16 if "busy" in r.stderr else 5  # EBUSY / EIO
-        raise OSError(err, r.stderr.strip() or f"umount {target} failed")
+    nsfd = find_namespace(ns)
+    if nsfd is None:
+        return
+    try:
+        in_namespace(nsfd, lambda: umount(target, lazy=lazy))
+    finally:
+        os.close(nsfd)
 
 
 def _unescape(field: str) -> str:

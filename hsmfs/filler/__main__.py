@@ -38,12 +38,12 @@ class Serving:
     """
 
     def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
-                 ns_file: Optional[str] = None, restarts: int = 0) -> None:
+                 ns: Optional[int] = None, restarts: int = 0) -> None:
         self.group = group
         self.tree = store.tree
         self.target = target
-        self.ns_file = ns_file
-        self.view_ns = ns_inode(ns_file)
+        self.ns = ns  # the inode of the view's mount namespace, None for ours
+        self.view_ns = ns_inode() if ns is None else ns
         self.restarts = restarts
         self.source = LocalSource(store.source)
         self.paths = tree.PathTable(store.path)
@@ -69,7 +69,7 @@ class Serving:
                         "other_mounts": others}
             self.filler.flush()  # event fds held for the commit keep the view busy
             try:
-                detach(self.target, lazy=lazy, ns_file=self.ns_file)
+                detach(self.target, lazy=lazy, ns=self.ns)
             except OSError as e:
                 return {"ok": False, "errno": e.errno, "error": str(e)}
             # whoever holds the group sees the view go and stops us once no other mount is left
@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--group-fd", type=int, required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--target", required=True)
-    ap.add_argument("--ns-file")
+    ap.add_argument("--ns", type=int, help="inode of the view's mount namespace, when not ours")
     ap.add_argument("--config")
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--restarts", type=int, default=0)
@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if store is None:
         log.error("%s is not an hsmfs store", args.store)
         return 66
-    serving = Serving(args.group_fd, store, args.target, policy, ns_file=args.ns_file, restarts=args.restarts)
+    serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
