@@ -30,6 +30,12 @@ class UsageError(HsmfsError):
     exit_code = os.EX_USAGE  # 64
 
 
+class DataError(HsmfsError):
+    """Data hsmfs keeps (a stub record, hsmfs.json, the state log) is damaged or of another version."""
+
+    exit_code = os.EX_DATAERR  # 65
+
+
 class SourceMissing(HsmfsError):
     """The source does not exist or cannot be read."""
 

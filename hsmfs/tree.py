@@ -1,67 +1,70 @@
-"""The on-disk stub format.
+"""The on-disk stub format: the stub record, the source paths, the store record.
 
 Every regular file that came from the source carries one extended attribute, ``trusted.hsmfs``
-(``trusted.*``: only root can read or change it), 34 bytes, little-endian (``struct "<BBQqqQ"``):
+(``trusted.*``: only root can read or change it), 42 bytes, little-endian (``struct "<BBQqQQq"``).
+It describes the source object the stub stands for and is written once, when the stub is made;
+nothing hsmfs does later writes it again, so filling, committing or evicting a file never changes
+its ctime (see :mod:`hsmfs.state` for where the file's state lives and why):
 
-=========  =====  ===============================================================================
-field      bytes  meaning
-=========  =====  ===============================================================================
-version    1      schema version; this module writes and reads ``1``
-state      1      0 ``stub`` (no data yet), 1 ``resident`` (all data, committed durably),
-                  2 ``dirty`` (a user changed the file: never refetched, never evicted),
-                  3 ``unverified`` (was resident when the store's last session ended
-                  uncleanly: a user's fdatasync'd write may hide in it; compared with the
-                  source on next access)
-size       8      the source's size in bytes when the stub was made
-mtime_ns   8      the source's mtime in nanoseconds (restored after every fill)
-atime_ns   8      the source's atime in nanoseconds (restored after every fill)
-path_id    8      offset of the source path in ``STORE/paths`` (see :class:`PathTable`)
-=========  =====  ===============================================================================
+============  =====  ===========================================================================
+field         bytes  meaning
+============  =====  ===========================================================================
+version       1      record schema; this module writes ``2`` (``1``: see :func:`upgrade`)
+flags         1      bit 0 ``IDENTITY``: src_ino and src_ctime_ns name the source object
+size          8      the source's size in bytes when the stub was made
+mtime_ns      8      the source's mtime in nanoseconds (the stub's own; restored after every fill)
+path_id       8      offset of the source path in ``STORE/paths`` (see :class:`PathTable`)
+src_ino       8      the source object's inode number when the stub was made
+src_ctime_ns  8      the source object's ctime then
+============  =====  ===========================================================================
+
+A fill refuses a source object whose size, mtime, inode number or ctime differ from the record:
+its owner can set size and mtime, but nobody can set ctime or make another file take its inode,
+so a file renamed over the source path, or one whose mode or owner changed since, is never served
+under the stub's old metadata (docs/security.md).
 
 It is this small so that ext4 keeps it inside the inode (a 256-byte inode has about 90 bytes for
 xattrs): a stub then has no block at all, and the stub tree costs inodes and directories only.
 The source path lives in the append-only ``STORE/paths`` file: the path of the source object
 relative to the source root, UTF-8 with surrogateescape, NUL-terminated, at offset ``path_id``.
 
-The record is written only under the rules of design.md: "resident" only once the data is durable.
-What a user sees as the state of a file (:func:`file_state`) also looks at the inode: a stub or
-resident file whose size or mtime no longer match the record was changed by a user and is dirty.
-
-Files, directories, symlinks and special files without a record were made by users of the view
-(state ``"local"``). Hardlinks share one inode and so one record.
-
-A pinned file also carries ``trusted.hsmfspin`` (one byte, ``1``): eviction, by hand or for the
-space budget, never touches it. It is apart from the record so that a commit rewriting the record
-can never drop a pin set meanwhile.
+Files, directories, symlinks and special files without a record were made by users of the view.
+Hardlinks share one inode and so one record.
 
 A store directory holds one tree::
 
     STORE/hsmfs.json   store record: schema, name, source, populate progress (see Store)
     STORE/paths        source paths of the stubs (see PathTable)
+    STORE/state        the state log: resident, dirty, pinned... (see hsmfs.state)
     STORE/tree/        the stub tree; views are clones of this directory's mount
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
+from hsmfs.errors import DataError
+
 XATTR = "trusted.hsmfs"
-PIN_XATTR = "trusted.hsmfspin"  # 8 characters after "trusted.": ext4 keeps it in the inode beside the record
-SCHEMA = 1
-STATES = ("stub", "resident", "dirty", "unverified")
+SCHEMA = 2
+FLAG_IDENTITY = 1
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
-_RECORD = struct.Struct("<BBQqqQ")
+_RECORD = struct.Struct("<BBQqQQq")
+_RECORD_V1 = struct.Struct("<BBQqqQ")  # schema 1 (hsmfs 0.1): version, state, size, mtime, atime, path_id
+V1_STATES = ("stub", "resident", "dirty", "unverified")
+_NO_RECORD = (errno.ENODATA, errno.EOPNOTSUPP)  # symlinks and special files take no trusted.* on some fs
 
 
-class RecordError(ValueError):
-    """A trusted.hsmfs value that this version cannot read."""
+class RecordError(DataError):
+    """A trusted.hsmfs value, hsmfs.json or STORE/paths entry that this version cannot read."""
 
 
 @dataclass(frozen=True)
@@ -69,25 +72,38 @@ class Record:
     path_id: int
     size: int
     mtime_ns: int
-    atime_ns: int
-    state: str = "stub"
+    src_ino: int = 0
+    src_ctime_ns: int = 0
+    flags: int = FLAG_IDENTITY
 
     def encode(self) -> bytes:
-        return _RECORD.pack(SCHEMA, STATES.index(self.state), self.size, self.mtime_ns, self.atime_ns,
-                            self.path_id)
+        return _RECORD.pack(SCHEMA, self.flags, self.size, self.mtime_ns, self.path_id, self.src_ino,
+                            self.src_ctime_ns)
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
-        if len(raw) != _RECORD.size or raw[0] != SCHEMA:
-            raise RecordError(f"stub record of {len(raw)} bytes, schema {raw[0] if raw else '?'}: "
-                              f"this hsmfs reads schema {SCHEMA} ({_RECORD.size} bytes)")
-        _v, state, size, mtime_ns, atime_ns, path_id = _RECORD.unpack(raw)
-        if state >= len(STATES):
-            raise RecordError(f"stub record state {state} unknown")
-        return cls(path_id=path_id, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns, state=STATES[state])
+        if len(raw) == _RECORD.size and raw[0] == SCHEMA:
+            _v, flags, size, mtime_ns, path_id, src_ino, src_ctime_ns = _RECORD.unpack(raw)
+            return cls(path_id, size, mtime_ns, src_ino, src_ctime_ns, flags)
+        if len(raw) == _RECORD_V1.size and raw[0] == 1:
+            raise RecordError("stub record of schema 1 (hsmfs 0.1): mount the store once with 'hsmfs mount' "
+                              "to upgrade it")
+        raise RecordError(f"stub record of {len(raw)} bytes, schema {raw[0] if raw else '?'}: this hsmfs reads "
+                          f"schema {SCHEMA} ({_RECORD.size} bytes)")
 
-    def with_state(self, state: str) -> Record:
-        return replace(self, state=state)
+    def same_object(self, st: os.stat_result) -> Optional[str]:
+        """Why the source object st is not the one this stub was made from; None if it is."""
+        if st.st_size != self.size:
+            return f"source file changed size since the stub was made: {st.st_size} bytes, stub says {self.size}"
+        if st.st_mtime_ns != self.mtime_ns:
+            return f"source file changed since the stub was made: mtime {st.st_mtime_ns}, stub says {self.mtime_ns}"
+        if self.flags & FLAG_IDENTITY:
+            if st.st_ino != self.src_ino:
+                return "source path now names another file (it was replaced or renamed over since the stub was made)"
+            if st.st_ctime_ns != self.src_ctime_ns:
+                return "source file changed since the stub was made (its mode, owner, xattrs or data: ctime " \
+                       f"{st.st_ctime_ns}, stub says {self.src_ctime_ns})"
+        return None
 
 
 def read_record(fd_or_path: int | str) -> Optional[Record]:
@@ -98,7 +114,7 @@ def read_record(fd_or_path: int | str) -> Optional[Record]:
         else:
             raw = os.getxattr(fd_or_path, XATTR, follow_symlinks=False)
     except OSError as e:
-        if e.errno in (61, 95):  # ENODATA, EOPNOTSUPP (symlinks, special files)
+        if e.errno in _NO_RECORD:
             return None
         raise
     return Record.decode(raw)
@@ -106,28 +122,6 @@ def read_record(fd_or_path: int | str) -> Optional[Record]:
 
 def write_record(fd_or_path: int | str, rec: Record) -> None:
     os.setxattr(fd_or_path, XATTR, rec.encode())
-
-
-def is_pinned(fd_or_path: int | str) -> bool:
-    try:
-        if isinstance(fd_or_path, int):
-            return os.getxattr(fd_or_path, PIN_XATTR) == b"1"
-        return os.getxattr(fd_or_path, PIN_XATTR, follow_symlinks=False) == b"1"
-    except OSError as e:
-        if e.errno in (61, 95):  # ENODATA, EOPNOTSUPP
-            return False
-        raise
-
-
-def set_pinned(path: str, pinned: bool) -> bool:
-    """Pin or unpin the file at path (symlinks not followed); returns whether that changed anything."""
-    if is_pinned(path) == pinned:
-        return False
-    if pinned:
-        os.setxattr(path, PIN_XATTR, b"1", follow_symlinks=False)
-    else:
-        os.removexattr(path, PIN_XATTR, follow_symlinks=False)
-    return True
 
 
 class PathTable:
@@ -140,7 +134,7 @@ class PathTable:
     def __init__(self, store_path: str, *, writable: bool = False) -> None:
         self.path = os.path.join(store_path, "paths")
         flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if writable else os.O_RDONLY
-        self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self._end = os.fstat(self.fd).st_size
         self._lock = threading.Lock()
 
@@ -172,17 +166,6 @@ class PathTable:
         os.close(self.fd)
 
 
-def file_state(rec: Optional[Record], st: os.stat_result) -> str:
-    """What a user sees: stub, resident, dirty, unverified, or local (not from the source)."""
-    if rec is None:
-        return "local"
-    if rec.state == "dirty" or st.st_size != rec.size:
-        return "dirty"
-    if rec.state in ("resident", "unverified") and st.st_mtime_ns != rec.mtime_ns:
-        return "dirty"
-    return rec.state
-
-
 def files(root: str) -> Iterator[tuple[str, os.stat_result, Optional[Record]]]:
     """(path, lstat, record) of each regular file beneath root, each inode once (hardlinks).
 
@@ -209,13 +192,39 @@ def resident_bytes(st: os.stat_result) -> int:
     return min(st.st_blocks * 512, st.st_size)
 
 
+def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace path with data, durably: temp file, fsync, rename, fsync of the directory.
+
+    A crash leaves either the old file or the new one, never a torn or empty one.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 @dataclass
 class Store:
     """STORE/hsmfs.json: which source this store mirrors and how far populate got.
 
-    Keys: ``v`` (schema 1), ``name``, ``source`` (absolute path), ``populated`` (true once every
-    entry of the source has a stub), ``mounted`` (true while a session serves the tree; still true
-    at the next start means the last session ended uncleanly).
+    Keys: ``v`` (schema: 2; 1 was hsmfs 0.1's, whose stubs :func:`upgrade` rewrites), ``name``,
+    ``source`` (absolute path), ``populated`` (true once every entry of the source has a stub),
+    ``mounted`` (true while a session serves the tree; still true at the next start means the last
+    session ended uncleanly).
     """
 
     path: str
@@ -223,6 +232,7 @@ class Store:
     source: str
     populated: bool = False
     mounted: bool = False
+    schema: int = SCHEMA
 
     @property
     def tree(self) -> str:
@@ -234,30 +244,25 @@ class Store:
 
     @classmethod
     def load(cls, path: str) -> Optional[Store]:
+        meta = os.path.join(path, "hsmfs.json")
         try:
-            with open(os.path.join(path, "hsmfs.json"), "rb") as f:
-                d = json.load(f)
+            fd = os.open(meta, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        if d.get("v") != SCHEMA:
-            raise RecordError(f"{path}/hsmfs.json: schema {d.get('v')} is not {SCHEMA}")
-        return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
-                   mounted=bool(d.get("mounted", False)))
+        try:
+            with os.fdopen(fd, "rb") as f:
+                d = json.load(f)
+            if d.get("v") not in (1, SCHEMA):
+                raise RecordError(f"{meta}: schema {d.get('v')!r}; this hsmfs reads schema 1 and {SCHEMA}",
+                                  hint="use the hsmfs version that made this store")
+            return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
+                       mounted=bool(d.get("mounted", False)), schema=int(d["v"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RecordError(f"{meta} is damaged: {e}",
+                              hint="restore it from a backup, or remove the store and mount again") from None
 
     def save(self) -> None:
-        """Replace hsmfs.json atomically and durably (temp file, fsync, rename, fsync dir)."""
-        data = json.dumps({"v": SCHEMA, "name": self.name, "source": self.source,
-                           "populated": self.populated, "mounted": self.mounted}, indent=1).encode()
-        tmp = self.meta + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.meta)
-        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        """Replace hsmfs.json atomically and durably."""
+        atomic_write(self.meta, json.dumps({"v": self.schema, "name": self.name, "source": self.source,
+                                            "populated": self.populated, "mounted": self.mounted},
+                                           indent=1).encode())

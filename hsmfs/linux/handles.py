@@ -34,3 +34,13 @@ def open_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> i
     fh = _FileHandle(len(handle), handle_type)
     ctypes.memmove(fh.f_handle, handle, len(handle))
     return check(libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC), "open_by_handle_at")
+
+
+def handle_at(dirfd: int, name: str) -> tuple[int, bytes]:
+    """(handle_type, handle bytes) of name in directory dirfd (or a path, with dirfd AT_FDCWD); a
+    symlink is not followed. No open: naming a file this way raises no fanotify event."""
+    fh = _FileHandle(MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    check(libc.name_to_handle_at(dirfd, os.fsencode(name), ctypes.byref(fh), ctypes.byref(mount_id), 0),
+          f"name_to_handle_at {name}")
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
