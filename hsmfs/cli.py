@@ -39,6 +39,7 @@ LOG_DIR = "/var/log/hsmfs"
 READY_TIMEOUT = 120.0
 PATHS_HELP = "Files or directories (recursively) in a view or a store."
 EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
+NOT_DONE = "not done: its filler restarted; run hsmfs evict again"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Lazy views of a source tree: stubs filled on first access (fanotify pre-content).")
@@ -177,6 +178,11 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         os.makedirs(store_dir, mode=0o700, exist_ok=True)
         os.chmod(store_dir, 0o700)
         st.save()
+    if st.schema != tree.SCHEMA:
+        from hsmfs.state import upgrade
+
+        n = upgrade(st)
+        print(f"hsmfs: upgraded the store {st.path} from hsmfs 0.1 ({n} stub records rewritten)", file=sys.stderr)
     if not st.populated:
         _populate(src, st)
     return st, tgt
@@ -305,24 +311,25 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
-def tree_summary(root: str) -> dict[str, dict[str, int]]:
-    """Files and bytes by state, from the store tree (records and allocated blocks).
+def tree_summary(store: str) -> dict[str, dict[str, int]]:
+    """Files and bytes by state, from the store tree (records, state log, allocated blocks).
 
     "pinned" counts pinned files whatever their state (they are in the other rows too).
     """
+    from hsmfs.state import StateLog, tree_files
+
     files: Counter[str] = Counter()
     size: Counter[str] = Counter()
     resident: Counter[str] = Counter()
-    for path, s, rec in tree.files(root):
-        state = tree.file_state(rec, s)
-        try:
-            pinned = rec is not None and tree.is_pinned(path)
-        except OSError:
-            continue
-        for row in (state, "pinned") if pinned else (state,):
-            files[row] += 1
-            size[row] += s.st_size
-            resident[row] += tree.resident_bytes(s)
+    log_ = StateLog(store)
+    try:
+        for f in tree_files(os.path.join(store, "tree"), log_):
+            for row in (f.state.value, "pinned") if f.pinned else (f.state.value,):
+                files[row] += 1
+                size[row] += f.st.st_size
+                resident[row] += tree.resident_bytes(f.st)
+    finally:
+        log_.close()
     return {st: {"files": files[st], "bytes": size[st], "resident_bytes": resident[st]}
             for st in ("stub", "resident", "unverified", "dirty", "local", "pinned")}
 
@@ -347,10 +354,10 @@ def status(
             d["filler"] = reply.get("filler")
             d["view_mounted"] = reply.get("view_mounted")
             d["other_mounts"] = reply.get("other_mounts")
-        except OSError as e:
+        except (OSError, Busy) as e:
             d["running"] = False
             d["error"] = str(e)
-        d["states"] = tree_summary(os.path.join(rt.store, "tree"))
+        d["states"] = tree_summary(rt.store)
         out.append(d)
     if as_json:
         print(json.dumps(out, indent=1))
@@ -384,31 +391,39 @@ def stat_cmd(
     files: list[str] = typer.Argument(..., help="Files in a view or a store."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """State of each file: stub, resident, unverified, dirty or local, whether it is pinned, its size and
-    the bytes it holds on disk."""
+    """State of each file: stub, filled (its commit pending), resident, unverified, dirty or local, whether
+    it is pinned, its size and the bytes it holds on disk."""
+    from hsmfs.files import locate
+    from hsmfs.state import FileState, StateLog, key_at
+
     rows = []
     failed = False
-    tables: dict[str, tree.PathTable] = {}
-    views = [(rt.target.rstrip("/") + "/", rt.store) for rt in runtime_records() if rt.namespace is None]
-    for p in files:
-        try:
-            s = os.lstat(p)
-            rec = tree.read_record(p) if stat.S_ISREG(s.st_mode) else None
-            state = tree.file_state(rec, s) if stat.S_ISREG(s.st_mode) else "local"
-            src = None
-            real = os.path.realpath(p)
-            store = next((st for prefix, st in views if real.startswith(prefix)), None)
-            if rec is not None and store is not None:
-                if store not in tables:
-                    tables[store] = tree.PathTable(store)
-                src = tables[store].get(rec.path_id)
-            rows.append({"path": p, "state": state, "size": s.st_size, "resident_bytes": tree.resident_bytes(s),
-                         "pinned": rec is not None and tree.is_pinned(p), "source": src})
-        except (OSError, tree.RecordError) as e:
-            failed = True
-            print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-    for t in tables.values():
-        t.close()
+    stores: dict[str, tuple[StateLog, tree.PathTable]] = {}
+    records = runtime_records()
+    try:
+        for p in files:
+            try:
+                s = os.lstat(p)
+                place = locate(p, records)
+                if place.store not in stores:
+                    stores[place.store] = (StateLog(place.store), tree.PathTable(place.store))
+                log_, table = stores[place.store]
+                rec = tree.read_record(p) if stat.S_ISREG(s.st_mode) else None
+                key = key_at(p) if rec is not None else None
+                state = log_.state(rec, s, key)
+                if state is FileState.STUB and key is not None and place.running is not None:
+                    state = _filled(place.running, key) or state
+                rows.append({"path": p, "state": state.value, "size": s.st_size,
+                             "resident_bytes": tree.resident_bytes(s),
+                             "pinned": key is not None and log_.pinned(key),
+                             "source": table.get(rec.path_id) if rec is not None else None})
+            except (OSError, HsmfsError) as e:
+                failed = True
+                print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+    finally:
+        for log_, table in stores.values():
+            log_.close()
+            table.close()
     if as_json:
         print(json.dumps(rows, indent=1))
     else:
@@ -417,6 +432,19 @@ def stat_cmd(
                   f"{r['path']}")
     if failed:
         raise typer.Exit(66)
+
+
+def _filled(rt: RuntimeRecord, key: bytes) -> Any:
+    """FileState.FILLED if the running filler rt filled the file and its commit is pending."""
+    from hsmfs.state import FileState, split_key
+
+    htype, handle = split_key(key)
+    try:
+        reply = request(rt.name, {"op": "states", "handles": [[htype, handle.hex()]]}, timeout=10, wait=2)
+    except (OSError, Busy):
+        return None
+    got = (reply.get("states") or [None])[0] if reply.get("ok") else None
+    return FileState(got) if got else None
 
 
 def _progress(total: int, label: str) -> Any:
@@ -483,26 +511,31 @@ def evict(
     why = "; ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     print(f"hsmfs: evicted {evicted} files, freed {_size(freed)}" + (f"; skipped {sum(skipped.values())}: {why}"
           if skipped else ""), file=sys.stderr)
-    if skipped[IN_USE] or skipped[FILLING]:
+    if skipped[IN_USE] or skipped[FILLING] or skipped[NOT_DONE]:
         raise typer.Exit(Busy.exit_code)
 
 
 def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, Any]]:
-    """Evict files through the filler of the running mount rt, by file handle, in batches."""
+    """Evict files through the filler of the running mount rt, by file handle, in batches.
+
+    If the filler restarts mid-way, the files of the batch it was working on and the rest are
+    reported as not done (the control socket says so): nothing is lost, a second run does them."""
     from hsmfs.filler.evict import Outcome
-    from hsmfs.linux.handles import handle_of
+    from hsmfs.state import key_at, split_key
 
     for i in range(0, len(files), EVICT_BATCH):
         batch = files[i:i + EVICT_BATCH]
         handles = []
         for f in batch:
-            fd = os.open(f.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # O_PATH: no event
-            try:
-                htype, h = handle_of(fd)
-            finally:
-                os.close(fd)
+            htype, h = split_key(key_at(f.path))  # no open: no event
             handles.append([htype, h.hex()])
-        reply = request(rt.name, {"op": "evict", "handles": handles}, timeout=300)
+        try:
+            reply = request(rt.name, {"op": "evict", "handles": handles}, timeout=300)
+        except Busy as e:
+            print(f"hsmfs: {e.message}", file=sys.stderr)
+            for f in files[i:]:
+                yield f, Outcome(False, NOT_DONE)
+            return
         if not reply.get("ok"):
             raise HsmfsError(f"the filler of {rt.target} refused to evict: {reply.get('error')}")
         for f, r in zip(batch, reply["results"]):
@@ -511,26 +544,32 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
 
 def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     """Evict files of a store that no running mount serves (no group, so no marks to change)."""
-    from hsmfs.filler.evict import IN_USE, Outcome, evict_file
+    from hsmfs.filler.evict import BATCH, IN_USE, Evictor, Outcome
     from hsmfs.sources.local import LocalSource
+    from hsmfs.state import StateLog
 
-    source, table = LocalSource(st.source), tree.PathTable(st.path)
+    source, table, log_ = LocalSource(st.source), tree.PathTable(st.path), StateLog(st.path, writable=True)
+    # after an unclean end a resident file may hide a user's fdatasync'd write: compare each first
+    evictor = Evictor(source, table, log_, distrust=st.mounted)
     try:
-        for f in files:
+        for i in range(0, len(files), BATCH):
+            batch = files[i:i + BATCH]
+            opened: list[tuple[Any, int]] = []
+            for f in batch:
+                try:
+                    opened.append((f, os.open(f.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)))
+                except OSError as e:
+                    yield f, Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}")
             try:
-                fd = os.open(f.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:
-                yield f, Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}")
-                continue
-            try:
-                # after an unclean end a resident record may hide a user's fdatasync'd write
-                outcome = evict_file(fd, source, table, distrust=st.mounted)
+                outcomes = evictor.evict([fd for _f, fd in opened])
             finally:
-                os.close(fd)
-            yield f, outcome
+                for _f, fd in opened:
+                    os.close(fd)
+            yield from zip([f for f, _fd in opened], outcomes)
     finally:
         source.close()
         table.close()
+        log_.close()
 
 
 def _offline_store(path: str) -> tree.Store:
@@ -540,6 +579,9 @@ def _offline_store(path: str) -> tree.Store:
     st = tree.Store.load(path)
     if st is None:
         raise SourceMissing(f"{path} is not an hsmfs store")
+    if st.schema != tree.SCHEMA:
+        raise Busy(f"{path} was made by hsmfs 0.1 and is not upgraded yet",
+                   hint="mount it once with 'hsmfs mount' (that upgrades it), then evict")
     mounted = other_mounts(st.tree, st.tree)
     if mounted:  # a view whose filler is gone: its marks are not ours to change
         raise Busy(f"the tree of {st.path} is mounted {', '.join(map(str, mounted))}, but no running hsmfs mount "
@@ -548,18 +590,28 @@ def _offline_store(path: str) -> tree.Store:
 
 
 def _pin(paths: list[str], pinned: bool) -> None:
+    from hsmfs.state import OP_PIN, OP_UNPIN, StateLog, key_at
+
     _need_root("hsmfs pin" if pinned else "hsmfs unpin")
     changed = same = 0
-    for _place, files in _files(paths):
-        for f in files:
-            if tree.read_record(f.path) is None:
-                print(f"skipped  {f.shown}: not from the source (made by a user)")
-                continue
-            if tree.set_pinned(f.path, pinned):
-                changed += 1
+    for place, files in _files(paths):
+        log_ = StateLog(place.store, writable=True)
+        try:
+            todo = []
+            for f in files:
+                if tree.read_record(f.path) is None:
+                    print(f"skipped  {f.shown}: not from the source (made by a user)")
+                    continue
+                key = key_at(f.path)
+                if log_.pinned(key) == pinned:
+                    same += 1
+                    continue
+                todo.append((key, OP_PIN if pinned else OP_UNPIN, 0))
                 print(f"{'pinned' if pinned else 'unpinned':<8} {f.shown}")
-            else:
-                same += 1
+            log_.record(todo, durable=True)  # the filler reads it before every eviction
+            changed += len(todo)
+        finally:
+            log_.close()
     word = "pinned" if pinned else "unpinned"
     print(f"hsmfs: {word} {changed} files" + (f" ({same} were {word} already)" if same else ""), file=sys.stderr)
 
@@ -591,6 +643,8 @@ def prefetch(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from hsmfs.state import FileState, StateLog, key_at
+
     _need_root("hsmfs prefetch")
     todo = []
     resident = 0
@@ -598,12 +652,16 @@ def prefetch(
         if place.running is None:
             raise NotMounted(f"no running hsmfs mount serves {place.store}",
                              hint="mount it first: hsmfs mount SOURCE TARGET")
-        for f in files:
-            rec = tree.read_record(f.path)
-            if rec is not None and tree.file_state(rec, f.st) in ("stub", "unverified"):
-                todo.append(f)
-            else:
-                resident += 1
+        log_ = StateLog(place.store)
+        try:
+            for f in files:
+                rec = tree.read_record(f.path)
+                if rec is not None and log_.state(rec, f.st, key_at(f.path)) is FileState.STUB:
+                    todo.append(f)
+                else:
+                    resident += 1
+        finally:
+            log_.close()
     total = sum(f.st.st_size for f in todo)
     failed: list[str] = []
     bar = _progress(total, "prefetch")

@@ -24,10 +24,12 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 RUN_DIR = "/run/hsmfs"
+RECONNECT_WAIT = 15.0  # seconds a client waits for a restarting filler's socket
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -162,12 +164,43 @@ def _send(conn: socket.socket, reply: dict[str, Any]) -> None:
         pass
 
 
-def request(name: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one request to the filler of mount NAME and return its reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(socket_path(name))
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = s.makefile("rb").readline()
-    reply: dict[str, Any] = json.loads(data)
+def request(name: str, req: dict[str, Any], *, timeout: float = 30.0, wait: float = RECONNECT_WAIT) -> dict[str, Any]:
+    """Send one request to the filler of mount NAME and return its reply.
+
+    While a filler restarts its socket is gone or refuses connections for a moment: connecting is
+    retried for up to wait seconds. A filler that does not answer, or dies before its reply is
+    complete, raises Busy (75) saying so; what it did with the request is then unknown.
+    """
+    from hsmfs.errors import Busy
+
+    deadline = time.monotonic() + wait
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.settimeout(timeout)
+            s.connect(socket_path(name))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            s.close()
+            if time.monotonic() >= deadline:
+                raise Busy(f"the filler of mount {name} is not answering ({e.strerror}); it may be restarting",
+                           hint="try again in a moment; 'hsmfs status' shows the mount") from None
+            time.sleep(0.1)
+        except BaseException:
+            s.close()
+            raise
+    with s:
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            data = s.makefile("rb").readline()
+        except (socket.timeout, ConnectionError) as e:
+            raise Busy(f"the filler of mount {name} did not answer: {e}; what it did is not known",
+                       hint="try again; 'hsmfs status' shows the mount") from None
+    try:
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise Busy(f"the filler of mount {name} stopped before it answered (it is restarting); what it did with "
+                   "this request is not known", hint="run the command again") from None
     return reply

@@ -19,20 +19,19 @@ import argparse
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
 from typing import Optional
 
-from hsmfs import tree
+from hsmfs import state, tree
 from hsmfs.control import RuntimeRecord
 from hsmfs.errors import HsmfsError
-from hsmfs.filler import IGNORE, MASK
+from hsmfs.filler.marks import VIEW_MASK, mark_tree
 from hsmfs.linux import fanotify as fan
-from hsmfs.linux.fs import syncfs
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
+from hsmfs.state import StateLog
 from hsmfs.views import (
     attach,
     detach,
@@ -48,39 +47,11 @@ log = logging.getLogger("hsmfs.daemon")
 GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
     | fan.FAN_UNLIMITED_MARKS
 # read-only: a reader on a read-only mount (overlayfs's lower layer) must get an event fd too; the
-# filler writes through its own fd on the store instead (hsmfs.filler._fill)
+# filler writes through its own clone of the tree instead (hsmfs.filler.marks.private_root)
 EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 POLL = 0.2  # seconds between looks at the filler and the view
 OTHERS_POLL = 1.0  # seconds between looks for other mounts of the tree, once the view is gone
 BACKOFF_MAX = 5.0
-
-
-def mark_tree(group: int, root: str) -> tuple[int, int]:
-    """Mark every stub with an inode mark and every settled file with an ignore mark.
-
-    The view's mount mark covers only the view; a stub's inode mark covers every path to it: a
-    copy of the view in a later mount namespace, a bind mount, overlayfs over it, the store
-    itself (kernel-facts §13). Inode marks pin their inodes: that is the cost (docs/unwatched.md).
-    Files that need no fill (resident, dirty, local) get evictable ignore marks instead.
-    Returns (stubs, settled).
-    """
-    stubs = settled = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                if tree.file_state(tree.read_record(path), st) in ("stub", "unverified"):
-                    fan.mark(group, fan.FAN_MARK_ADD, MASK, fan.AT_FDCWD, path)
-                    stubs += 1
-                else:
-                    fan.mark(group, IGNORE, MASK, fan.AT_FDCWD, path)
-                    settled += 1
-            except (OSError, tree.RecordError) as e:
-                log.warning("cannot mark %s: %s", path, e)
-    return stubs, settled
 
 
 def namespace_alive(inode: int) -> bool:
@@ -132,32 +103,25 @@ class OtherMountsWatch:
 
 
 def begin_session(store: tree.Store) -> int:
-    """Record that a session serves the store; after an unclean end, distrust resident records.
+    """Record that a session serves the store; after an unclean end, distrust resident files.
 
-    fdatasync and O_DSYNC make a user's bytes durable but not the mtime that tells a resident
-    file was written: after a crash a "resident" record may hide user data. Such records become
-    "unverified" (durably, before anything is served): the next access compares the file with
-    its source. Returns how many were downgraded.
+    fdatasync and O_DSYNC make a user's bytes durable but not the ctime that tells a resident
+    file was written: after a crash a "resident" file may hide user data. The state log is
+    rewritten with such files "unverified" (durably, before anything is served): they are
+    compared with the source before they are evicted. Returns how many there were.
     """
-    downgraded = 0
-    if store.mounted:
-        for dirpath, _dirs, files in os.walk(store.tree):
-            for name in files:
-                path = os.path.join(dirpath, name)
-                try:
-                    rec = tree.read_record(path)
-                    if rec is not None and rec.state == "resident":
-                        tree.write_record(path, rec.with_state("unverified"))
-                        downgraded += 1
-                except (OSError, tree.RecordError) as e:
-                    log.warning("cannot downgrade %s: %s", path, e)
-        fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(fd)
-        finally:
-            os.close(fd)
-        log.warning("the last session of %s ended uncleanly: %d resident files will be compared with "
-                    "the source on their next access", store.path, downgraded)
+    log_ = StateLog(store.path, writable=True)
+    try:
+        downgraded = 0
+        if store.mounted:
+            downgraded = sum(1 for e in log_.states.values() if e.op == state.OP_RESIDENT)
+            log_.compact(distrust=True)
+            log.warning("the last session of %s ended uncleanly: %d resident files will be compared with the "
+                        "source before they are evicted", store.path, downgraded)
+        else:
+            log_.compact()
+    finally:
+        log_.close()
     store.mounted = True
     store.save()
     return downgraded
@@ -183,11 +147,15 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     Shared by the supervisor and the systemd service (hsmfs.systemd).
     """
     begin_session(store)
-    stubs, settled = mark_tree(group, store.tree)
-    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=source_restrictions(store.source),
+    log_ = StateLog(store.path)
+    try:
+        stubs, settled = mark_tree(group, store.tree, log_)
+    finally:
+        log_.close()
+    mnt_id = attach(group, store.tree, target, VIEW_MASK, nsfd=nsfd, restrict=source_restrictions(store.source),
                     strictatime=policy.max_resident_bytes > 0)
     where = f"{target} in namespace {namespace}" if namespace else target
-    log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,
+    log.info("view of %s live at %s (mount id %d; %d stubs marked, %d files settled)", store.source,
              where, mnt_id, stubs, settled)
     return mnt_id
 

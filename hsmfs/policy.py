@@ -10,6 +10,9 @@ The file holds flat top-level keys only (docs/config.md documents each one)::
     max_resident_bytes = "20G"
     high_watermark = 0.9
     low_watermark = 0.8
+    fill_ahead = true
+    fill_ahead_max_size = "1M"
+    fill_ahead_bytes = "64M"
 
 Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
 saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
@@ -131,6 +134,23 @@ def _check_max_resident_bytes(value: object) -> int:
                    '"20G" (K, M, G, T are powers of 1024)')
 
 
+def _check_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        if m is not None:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise _Invalid('expected a number of bytes, as an integer or a string such as "1M" or "64M" (K, M, G, T are '
+                   'powers of 1024)')
+
+
+def _check_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid("expected true or false")
+
+
 def _check_watermark(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
@@ -146,6 +166,9 @@ _CHECKS: dict[str, Callable[[object], Any]] = {
     "max_resident_bytes": _check_max_resident_bytes,
     "high_watermark": _check_watermark,
     "low_watermark": _check_watermark,
+    "fill_ahead": _check_bool,
+    "fill_ahead_max_size": _check_size,
+    "fill_ahead_bytes": _check_size,
 }
 
 
@@ -165,6 +188,9 @@ class Policy:
     max_resident_bytes: int = 0
     high_watermark: float = 0.9
     low_watermark: float = 0.8
+    fill_ahead: bool = True
+    fill_ahead_max_size: int = 1 << 20
+    fill_ahead_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for f in fields(self):

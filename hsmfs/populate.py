@@ -92,7 +92,7 @@ class PopulateStats:
 
 
 class _Entry(NamedTuple):
-    """What populate keeps of a source lstat (a third of an os.stat_result's memory)."""
+    """What populate keeps of a source lstat (less than half of an os.stat_result's memory)."""
 
     name: str
     mode: int
@@ -102,10 +102,13 @@ class _Entry(NamedTuple):
     atime_ns: int
     mtime_ns: int
     rdev: int
+    ino: int
+    ctime_ns: int
 
 
 def _entry(name: str, st: os.stat_result) -> _Entry:
-    return _Entry(name, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_rdev)
+    return _Entry(name, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_rdev,
+                  st.st_ino, st.st_ctime_ns)
 
 
 class _Dir:
@@ -452,7 +455,8 @@ class _Populate:
 
     def _make_file(self, d: _Dir, tfd: int, e: _Entry, tmp: str, spath: str, path_id: int) -> None:
         xattrs = self._xattrs(spath, e.name)
-        record = tree.Record(path_id=path_id, size=e.size, mtime_ns=e.mtime_ns, atime_ns=e.atime_ns, state="stub")
+        # the source object's identity: a fill serves this inode, at this ctime, or nothing (docs/security.md)
+        record = tree.Record(path_id=path_id, size=e.size, mtime_ns=e.mtime_ns, src_ino=e.ino, src_ctime_ns=e.ctime_ns)
         mode = stat.S_IMODE(e.mode)
         # In a plain directory open() already gives most files the right owner and mode: skip
         # fchown and fchmod, each a journalled inode update.

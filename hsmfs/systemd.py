@@ -46,7 +46,7 @@ from hsmfs.control import RUN_DIR, RuntimeRecord
 from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
 from hsmfs.policy import load_policy
-from hsmfs.process import ignore_lease_breaks, raise_fd_limit, setup_logging
+from hsmfs.process import ignore_lease_breaks, setup_logging
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
@@ -194,17 +194,20 @@ class Service:
         self.fds = _Store()
 
     def run(self) -> int:
-        # not at the top: ``python -m hsmfs.filler`` imports this module from that very file
-        from hsmfs.filler.__main__ import Serving
+        from hsmfs.filler.service import Serving
+        from hsmfs.filler.takeover import pin_fd_limit
 
         group = self.fds.group
         try:
             params = read_params(self.target)
             policy = load_policy(params.config)
             logging.getLogger().setLevel(policy.log_level.upper())
-            raise_fd_limit()
+            pin_fd_limit()
             ignore_lease_breaks()
             store = tree.Store.load(params.store)
+            if store is not None and store.schema != tree.SCHEMA:
+                raise SourceMissing(f"the store {params.store} was made by hsmfs 0.1",
+                                    hint=f"mount it with mount -t hsmfs SOURCE {self.target}: that upgrades it")
             if store is None or not store.populated:
                 raise SourceMissing(f"no populated hsmfs store at {params.store}",
                                     hint=f"mount it with: mount -t hsmfs SOURCE {self.target} [-o store=DIR]")

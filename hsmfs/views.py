@@ -192,11 +192,18 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
 
 
 def marked_mount(group: int) -> Optional[int]:
-    """The mount id of the group's mount mark (the view, attached or lazily detached), None once it is gone."""
+    """The mount id of the group's view (attached or lazily detached), None once it is gone.
+
+    The kernel destroys a mount's marks when the mount is freed. The view's mark is the mount mark
+    with events in its mask; the filler's own clone of the tree carries an ignore mark only
+    (fdinfo: ``fanotify mnt_id:ID mflags:F mask:M ignored_mask:I``, in hex).
+    """
     with open(f"/proc/self/fdinfo/{group}") as f:
         for line in f:
             if line.startswith("fanotify mnt_id:"):
-                return int(line.split(":", 1)[1].split()[0], 16)
+                fields = dict(kv.split(":", 1) for kv in line.split()[1:] if ":" in kv)
+                if int(fields.get("mask", "0"), 16):
+                    return int(fields["mnt_id"], 16)
     return None
 
 

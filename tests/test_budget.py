@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import pytest
 from conftest import LoopFS, View, hsmfs
 
-from hsmfs import tree
+from hsmfs import state, tree
 from hsmfs.views import is_mountpoint
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -125,7 +125,7 @@ def store_state(store: str, rel: str) -> tuple[str, int]:
     """(state, resident bytes) of rel from its store record and blocks (no open, no event)."""
     p = os.path.join(store, "tree", rel)
     st = os.lstat(p)
-    return tree.file_state(tree.read_record(p), st), tree.resident_bytes(st)
+    return state.state_in_store(p).value, tree.resident_bytes(st)
 
 
 def stat_json(paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -455,13 +455,15 @@ def test_full_store_makes_room_then_answers_enospc(full_view: Callable[[Optional
     assert state["state"] == "stub", state
     assert all(store_state(v.store, n)[0] == "resident" for n in resident), "a pinned file was evicted"
     log = v.log
-    m = re.search(rf"cannot fill {re.escape(huge)}: the store filesystem is full \(([^)]*)\) and nothing can be "
-                  r"evicted: (\d+) pinned and (\d+) dirty files hold (\d+) bytes", log)
+    # refused at once: it cannot fit even if everything evictable went, so nothing is evicted for it
+    m = re.search(rf"cannot fill {re.escape(huge)} from .*?: the store has room for (\d+) bytes and (\d+) more could "
+                  r"be evicted, but this file needs \d+: (\d+) pinned and (\d+) dirty files hold (\d+) bytes", log)
     assert m is not None, f"no 'store is full' line for {huge} in the log:\n{log[-3000:]}"
     print(f"{v.fs.fstype}: {len(resident)} files pinned, {free} bytes free; ENOSPC after {took:.2f} s "
           f"({state['resident_bytes']} bytes left in the stub); log: {m.group(0)}")
-    assert int(m.group(2)) >= len(resident) and int(m.group(3)) == len(dirty), m.group(0)
-    assert int(m.group(4)) >= len(resident) * CHUNK, m.group(0)
+    assert int(m.group(2)) == 0, m.group(0)
+    assert int(m.group(3)) >= len(resident) and int(m.group(4)) == len(dirty), m.group(0)
+    assert int(m.group(5)) >= len(resident) * CHUNK, m.group(0)
 
     # unpinned, the same read makes room and gets the real bytes
     hsmfs("unpin", *[v.path(n) for n in resident])

@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional
 import pytest
 from conftest import FILESYSTEMS, IMAGE_SIZE, MKFS, hsmfs
 
-from hsmfs import tree
+from hsmfs import state, tree
 from hsmfs.linux.fs import shutdown, shutdown_supported, syncfs
 from hsmfs.views import is_mountpoint
 
@@ -683,8 +683,12 @@ class Raw:
             rec = tree.read_record(path)
         except (OSError, tree.RecordError) as e:
             return cls(exists=True, size=st.st_size, error=str(e))
-        return cls(exists=True, state=tree.file_state(rec, st), size=st.st_size, blocks=st.st_blocks,
-                   record=None if rec is None else f"{rec.state} size={rec.size}")
+        try:
+            fs = state.state_in_store(path).value
+        except (OSError, state.DataError) as e:
+            return cls(exists=True, size=st.st_size, error=str(e))
+        return cls(exists=True, state=fs, size=st.st_size, blocks=st.st_blocks,
+                   record=None if rec is None else f"size={rec.size}")
 
     def __str__(self) -> str:
         if not self.exists:
@@ -1064,14 +1068,13 @@ def evictions(c: Crash) -> int:
 
 
 def stub_records(c: Crash, rels: list[str]) -> int:
-    """How many of rels have a record saying "stub" now (in memory: durable or not)."""
+    """How many of rels the state log says are stubs now (in memory: durable or not)."""
     n = 0
     for rel in rels:
         try:
-            rec = tree.read_record(c.backing(rel))
-        except (OSError, tree.RecordError):
+            n += state.state_in_store(c.backing(rel)) is state.FileState.STUB
+        except (OSError, state.DataError):
             continue
-        n += rec is not None and rec.state == "stub"
     return n
 
 
@@ -1231,7 +1234,7 @@ def test_offline_evict_after_cut_keeps_fdatasync_writes(crash: Crash, source: So
     c.disk.restart()  # the reboot, without mounting: nobody serves the store
     stored = tree.Store.load(c.store)
     assert stored is not None and stored.mounted, "the cut store does not say its last session ended uncleanly"
-    lost_mtime = [r for r in h if tree.file_state(tree.read_record(c.backing(r)), os.lstat(c.backing(r))) == "resident"]
+    lost_mtime = [r for r in h if state.state_in_store(c.backing(r)) is state.FileState.RESIDENT]
     out = hsmfs("evict", "--json", *[c.backing(r) for r in h], check=False)
     rows = {os.path.relpath(r["path"], os.path.join(c.store, "tree")): r for r in json.loads(out.stdout or "[]")}
     c.raw = {rel: Raw.of(c.backing(rel)) for rel in source.rels}

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pytest
 from conftest import LoopFS, View, hsmfs
 
-from hsmfs import tree
+from hsmfs import state, tree
 from hsmfs.views import is_mountpoint
 
 MiB = 1 << 20
@@ -82,9 +82,17 @@ def stat_of(path: str) -> dict[str, Any]:
     return rows[0]
 
 
+def pinned(v: View, rel: str) -> bool:
+    log_ = state.StateLog(v.store)
+    try:
+        return log_.pinned(state.key_at(store_path(v, rel)))
+    finally:
+        log_.close()
+
+
 def record_state(path: str) -> str:
     """The state hsmfs stat would print, read here directly (getxattr and lstat raise no event)."""
-    return tree.file_state(tree.read_record(path), os.lstat(path))
+    return state.state_in_store(path).value
 
 
 def wait_state(path: str, state: str, timeout: float = 15) -> None:
@@ -161,7 +169,15 @@ def procs(make_view: Callable[..., View]) -> Iterator[Procs]:
 
 @pytest.fixture
 def view(loopfs: LoopFS, make_view: Callable[..., View]) -> View:
-    return make_view(make_source(loopfs.fresh_dir("src"), sleep_bin=True))
+    return make_view(make_source(loopfs.fresh_dir("src"), sleep_bin=True), "--config", no_fill_ahead(loopfs))
+
+
+def no_fill_ahead(loopfs: LoopFS) -> str:
+    """A policy without fill-ahead: these tests say which files are resident, one by one."""
+    path = os.path.join(loopfs.base, "no-fill-ahead.toml")
+    with open(path, "w") as f:
+        f.write("fill_ahead = false\n")
+    return path
 
 
 @pytest.fixture
@@ -298,7 +314,7 @@ HAMMER_SECONDS = 6.0
 def test_readers_racing_evictions_never_see_zeros(loopfs: LoopFS, make_view: Callable[..., View], procs: Procs,
                                                   bind_of: Callable[[View], str], through: str) -> None:
     rel = "hot.bin"
-    v = make_view(make_source(loopfs.fresh_dir("src"), {rel: 2 * MiB + 4097}))
+    v = make_view(make_source(loopfs.fresh_dir("src"), {rel: 2 * MiB + 4097}), "--config", no_fill_ahead(loopfs))
     fill(v, rel)
     root = bind_of(v) if through == "bind" else v.target
     path = os.path.join(root, rel)
@@ -489,8 +505,8 @@ def test_pinned_file_not_evicted_until_unpinned(view: View) -> None:
     fill(view, rel)
     r = hsmfs("pin", view.path(rel))
     assert "pinned" in r.stdout and view.path(rel) in r.stdout
-    blocks = on_disk(view, rel)  # after the pin: on ext4 its xattr may take a block of its own
-    assert os.getxattr(store_path(view, rel), tree.PIN_XATTR) == b"1"
+    blocks = on_disk(view, rel)
+    assert pinned(view, rel)
     res = evict_one(view.path(rel), rc=0)
     assert res == {"path": view.path(rel), "evicted": False, "reason": PINNED, "freed": 0}
     # a directory eviction skips it too
@@ -498,8 +514,7 @@ def test_pinned_file_not_evicted_until_unpinned(view: View) -> None:
     assert next(x for x in out if x["path"] == os.path.join(view.target, rel))["reason"] == PINNED
     _kept(view, rel, blocks)
     hsmfs("unpin", view.path(rel))
-    with pytest.raises(OSError):
-        os.getxattr(store_path(view, rel), tree.PIN_XATTR)
+    assert not pinned(view, rel)
     evict_and_check(view, rel)
     assert cat(view.path(rel)) == src_bytes(view, rel)
 

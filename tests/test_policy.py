@@ -23,8 +23,8 @@ else:
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "config.md"
 EXAMPLE = ROOT / "contrib" / "hsmfs.toml"
-KNOWN = ("(known: commit_interval, fill_timeout, high_watermark, log_level, low_watermark, max_resident_bytes, "
-         "source_error, workers)")
+KNOWN = ("(known: commit_interval, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, fill_timeout, high_watermark, "
+         "log_level, low_watermark, max_resident_bytes, source_error, workers)")
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -188,8 +188,9 @@ def check_tree(src: str, store: tree.Store, before: dict[str, Info], src_inodes:
             finally:
                 os.close(fd)
             assert rec is not None, f"{rel!r} has no record"
-            assert (rec.size, rec.mtime_ns, rec.atime_ns, rec.state) == (info.size, info.mtime_ns, info.atime_ns,
-                                                                         "stub")
+            sst = os.lstat(os.path.join(src, rel))
+            assert (rec.size, rec.mtime_ns, rec.src_ino, rec.src_ctime_ns, rec.flags) == \
+                (info.size, info.mtime_ns, sst.st_ino, sst.st_ctime_ns, tree.FLAG_IDENTITY)
             assert table.get(rec.path_id) == first[src_inodes[rel]]
             if not info.xattrs:
                 assert os.lstat(path).st_blocks == 0, f"{rel!r}: the stub has blocks"

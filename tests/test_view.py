@@ -250,17 +250,17 @@ def test_source_file_deleted(view: View) -> None:
 
 
 def test_source_file_unreadable_then_back(view: View) -> None:
-    """A source file replaced by a symlink cannot be read (symlinks are never followed): EIO, retry later."""
-    src = os.path.join(view.source, "page")
-    os.rename(src, src + ".moved")
-    os.symlink("page.moved", src)
-    r = subprocess.run(["cat", view.path("page")], capture_output=True, timeout=60)
+    """A source directory replaced by a symlink cannot be read through (symlinks are never followed): EIO;
+    once the directory is back, the stub, which stayed a stub, fills."""
+    d = os.path.join(view.source, "dir")
+    os.rename(d, d + ".moved")
+    os.symlink("dir.moved", d)
+    r = subprocess.run(["cat", view.path("dir/deeper/text.txt")], capture_output=True, timeout=60)
     assert r.returncode != 0 and b"Input/output error" in r.stderr
-    assert "cannot fill page" in view.log
-    os.unlink(src)
-    os.rename(src + ".moved", src)
-    # the stub stayed a stub: the next access tries again and succeeds
-    assert run(["cat", view.path("page")]).stdout == _src_bytes(view, "page")
+    assert "cannot fill dir/deeper/text.txt" in view.log and "symlink" in view.log
+    os.unlink(d)
+    os.rename(d + ".moved", d)
+    assert run(["cat", view.path("dir/deeper/text.txt")]).stdout == _src_bytes(view, "dir/deeper/text.txt")
 
 
 def test_source_file_changed_size(view: View) -> None:

@@ -255,9 +255,11 @@ def LoopFS(base: str, label: str, fstype: str, size: int) -> _LoopFS:
 # code run in a fresh interpreter: the marking alone, as the supervisor does it, on a fresh group
 MARK_CODE = r"""
 import json, os, stat, sys, time
-from hsmfs import tree
-from hsmfs.daemon import mark_tree, new_group
+from hsmfs import state, tree
+from hsmfs.daemon import new_group
+from hsmfs.filler.marks import mark_tree
 root, what = sys.argv[1:3]
+log_ = state.StateLog(os.path.dirname(root))
 t = time.perf_counter()
 if what == "walk":  # mark_tree without fanotify_mark: walk, lstat, record, state
     n = 0
@@ -266,12 +268,12 @@ if what == "walk":  # mark_tree without fanotify_mark: walk, lstat, record, stat
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             if stat.S_ISREG(st.st_mode):
-                tree.file_state(tree.read_record(p), st)
+                log_.state(tree.read_record(p), st, state.key_at(p))
                 n += 1
     out = {"files": n}
 else:
     g = new_group()
-    stubs, settled = mark_tree(g, root)
+    stubs, settled = mark_tree(g, root, log_)
     out = {"stubs": stubs, "settled": settled}
 out["secs"] = time.perf_counter() - t
 print(json.dumps(out))
@@ -287,7 +289,7 @@ _mark = _fan.mark
 
 
 def _no_stub_marks(group, flags, mask, dirfd=_fan.AT_FDCWD, path=None):
-    if flags == _fan.FAN_MARK_ADD:
+    if flags & ~_fan.FAN_MARK_DONT_FOLLOW == _fan.FAN_MARK_ADD:
         return None
     return _mark(group, flags, mask, dirfd, path)
 

@@ -10,89 +10,20 @@ the group itself, with systemd's fd store as the supervisor (hsmfs.systemd).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Optional
 
 from hsmfs import tree
-from hsmfs.control import RUN_DIR, Server
-from hsmfs.filler import Filler
-from hsmfs.filler.journal import Journal
-from hsmfs.policy import Policy, load_policy
-from hsmfs.process import ignore_lease_breaks, raise_fd_limit, setup_logging
-from hsmfs.sources.local import LocalSource
-from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
+from hsmfs.filler.service import Serving
+from hsmfs.filler.takeover import pin_fd_limit
+from hsmfs.policy import load_policy
+from hsmfs.process import ignore_lease_breaks, setup_logging
 
 log = logging.getLogger("hsmfs.filler")
-
-
-class Serving:
-    """A running filler and its control socket; the supervisor's child and the systemd service share it.
-
-    Construction answers what a dead predecessor left pending (journal, then sweep) and only then
-    starts reading new events.
-    """
-
-    def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
-                 ns: Optional[int] = None, restarts: int = 0) -> None:
-        self.group = group
-        self.tree = store.tree
-        self.target = target
-        self.ns = ns  # the inode of the view's mount namespace, None for ours
-        self.view_ns = ns_inode() if ns is None else ns
-        self.restarts = restarts
-        self.source = LocalSource(store.source)
-        self.paths = tree.PathTable(store.path)
-        self.tree_fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
-        self.filler = Filler(group, self.tree_fd, self.paths, self.source, policy, self.journal)
-        self.filler.take_over(self.tree_fd)
-        self.server = Server(store.name, self.handle)
-        self.server.start()
-
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req.get("op")
-        if op == "status":
-            view = marked_mount(self.group)
-            return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status(),
-                    "view_mounted": view is not None,
-                    "other_mounts": [] if view is not None else self.other_mounts(None)}
-        if op == "umount":
-            lazy = bool(req.get("lazy"))
-            others = self.other_mounts(marked_mount(self.group))
-            if others and not lazy:  # they would read stubs as holes once the group is gone
-                return {"ok": False, "errno": errno.EBUSY, "error": "other mounts of the tree exist",
-                        "other_mounts": others}
-            self.filler.flush()  # event fds held for the commit keep the view busy
-            try:
-                detach(self.target, lazy=lazy, ns=self.ns)
-            except OSError as e:
-                return {"ok": False, "errno": e.errno, "error": str(e)}
-            # whoever holds the group sees the view go and stops us once no other mount is left
-            return {"ok": True, "other_mounts": others}
-        if op == "evict":
-            handles = [(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
-            return {"ok": True, "results": [o.as_dict() for o in self.filler.evict(handles)]}
-        return {"ok": False, "error": f"unknown op {op!r}"}
-
-    def other_mounts(self, view_id: Optional[int]) -> list[str]:
-        """The tree's mounts other than the view (views.other_mounts: reads /proc only, never the tree)."""
-        return [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns, view_id=view_id)]
-
-    def close(self) -> None:
-        """Answer every event read, commit what is filled; the group stays open (it is not ours)."""
-        self.server.close()
-        self.filler.stop()
-        self.journal.close()
-        os.unlink(self.journal.path)  # every event read was answered: nothing for a successor
-        os.close(self.tree_fd)
-        self.paths.close()
-        self.source.close()
-        log.info("filler stopped: %s", self.filler.status())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -112,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(args_in)
     policy = load_policy(args.config)
     setup_logging(policy.log_level)
-    raise_fd_limit()
+    pin_fd_limit()
     ignore_lease_breaks()
     store = tree.Store.load(args.store)
     if store is None:

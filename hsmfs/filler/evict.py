@@ -1,39 +1,50 @@
-"""Turning resident files back into stubs without ever losing a byte a user wrote.
+"""Turning resident files back into stubs without ever losing a byte a user wrote, whatever dies when.
 
-One file at a time (:func:`evict_file`), by whoever may change the tree's marks: the filler of a
-live mount, which owns the group (``Filler.evict``, the space budget, a full store), or
-``hsmfs evict`` on a store that no filler serves (no marks then: the next mount marks stubs).
+By whoever may change the tree's marks: the filler of a live mount (``hsmfs evict`` through its
+control socket, the space budget, a full store), or ``hsmfs evict`` on a store no filler serves
+(no marks then: the next session marks stubs). Files go in batches; for each, in this order:
 
-The order is what makes it safe:
+1. It is claimed in the filler's in-flight table: a fill never runs beside its eviction, and
+   whoever opens it from now on waits for the eviction to end, then for its refill.
+2. The stub mark goes on (``FAN_OPEN_PERM | FAN_PRE_ACCESS``). An open decides when it is made
+   whether its fd raises pre-content events (docs/kernel.md), so from here on every open, through
+   any path, asks the filler first. It stays on whatever happens next: no mark ever stands aside
+   while a file loses data.
+3. ``F_SETLEASE F_WRLCK``: granted only if no one else has the file open or mapped (a running
+   binary included); while it is held, new opens wait. Refused: the file is in use and stays.
+4. Under the lease, the file is checked again: resident (an unverified one is compared with its
+   source byte for byte), not changed since its commit (its ctime), not pinned, and its source
+   still holds the same object (or evicting it would lose the only copy).
+5. One durable append to the state log says "stub" for the whole batch, **before** any data goes:
+   after a power cut a file is then a stub, whose bytes a refill compares with the source and
+   whose holes it fills, never a resident file with holes, nor one that looks changed by a user.
+6. The data is punched out (to a whole block past EOF), mtime restored, the lease released.
 
-1. The stub's inode mark goes on first (``Marks.arm``), still silenced by the file's ignore mark.
-   An open decides at open time whether its fd raises pre-content events (kernel-facts §3), so
-   any open that starts from here on gets a watched fd, through any path to the file.
-2. ``F_SETLEASE F_WRLCK`` (kernel-facts §11): granted only if no one else has the file open or
-   mapped (a running binary included) or is in the middle of opening it; while it is held, new
-   opens wait. Refused: the file is in use and stays as it is.
-3. Under the lease, the file is checked again: resident (an unverified one is compared with its
-   source first), unchanged since its fill, not pinned, and its source still holds the same
-   file (or evicting it would lose the only copy).
-4. The record says "stub" first, then the data is punched out and mtime restored: a crash in
-   between leaves a stub with bytes equal to its source, which a refill keeps. Never a "resident"
-   record over holes.
-5. ``Marks.release`` removes the ignore mark, then the lease goes: the next access fills it again.
+A filler killed anywhere in this leaves files that are resident and marked (its successor finds
+nothing to fill and removes the mark on the first open), or stubs that are marked: nothing to
+finish and nothing to roll back.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional
 
-from hsmfs import tree
-from hsmfs.filler.hydrate import data_regions, punch, same_as_source
+from hsmfs import state, tree
+from hsmfs.filler.fill import punch
 from hsmfs.linux.fs import release_lease, take_write_lease
-from hsmfs.sources import Source
-from hsmfs.sources.local import copy_range
+from hsmfs.sources import Source, SourceError, SourceFile
+from hsmfs.sources.local import data_regions
+from hsmfs.state import FileState, StateLog
+
+if TYPE_CHECKING:
+    from hsmfs.filler.core import Filler, Job
+
+log = logging.getLogger("hsmfs.filler")
 
 # Why a file was not evicted (the words hsmfs evict prints)
 IN_USE = "in use (open, mapped or running)"
@@ -43,6 +54,7 @@ STUB = "already a stub"
 LOCAL = "not from the source (made by a user)"
 FILLING = "being filled"
 SOURCE_CHANGED = "its source changed or is gone: evicting it would lose the only copy"
+BATCH = 64  # files leased at once, and journaled as stubs with one durable write
 
 
 @dataclass(frozen=True)
@@ -55,114 +67,171 @@ class Outcome:
         return {"evicted": self.evicted, "reason": self.reason, "freed": self.freed}
 
 
-class Marks(Protocol):
-    """What the group's owner does around an eviction (nothing, for a store no filler serves)."""
-
-    def arm(self, fd: int) -> None:
-        """Put the stub's inode mark on; the file's ignore mark still silences it."""
-
-    def disarm(self, fd: int) -> None:
-        """Undo arm: the file stays resident."""
-
-    def release(self, fd: int) -> None:
-        """The file is a stub now: forget it was filled, remove its ignore mark."""
-
-
-def precheck(fd: int) -> Optional[str]:
-    """Why the file behind fd cannot be evicted, from its record alone (no lease); None if it may be."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return LOCAL
-    rec = tree.read_record(fd)
-    if rec is None:
-        return LOCAL
-    state = tree.file_state(rec, st)
-    if state == "stub":
-        return STUB
-    if state == "dirty":
-        return DIRTY
-    if tree.is_pinned(fd):
-        return PINNED
-    return None
+@dataclass(eq=False)
+class _Candidate:
+    i: int
+    fd: int
+    rec: tree.Record
+    key: state.Key
+    st: os.stat_result
+    job: Optional[Job] = None
+    leased: bool = False
+    src: Optional[SourceFile] = None
 
 
-def evict_file(fd: int, source: Source, paths: tree.PathTable, marks: Optional[Marks] = None, *,
-               distrust: bool = False) -> Outcome:
-    """Evict the file behind fd, an O_RDWR fd on the store opened by the caller (who closes it).
+class Evictor:
+    """Evicts files of one store; with filler, of a live mount (marks, in-flight table, stats)."""
 
-    distrust: treat a resident record as unverified (compare the file with its source first): the
-    store's last session ended uncleanly and no session has downgraded its records since. With
-    marks (a live group) unverified files must have been verified already (Filler.evict_fd): their
-    stub mark would raise events for our own I/O under the lease.
+    def __init__(self, source: Source, paths: tree.PathTable, log_: StateLog, *, filler: Optional[Filler] = None,
+                 distrust: bool = False) -> None:
+        """distrust: the store's last session ended uncleanly and none has started since, so a
+        resident file may hide a user's fdatasync'd write: compare each with its source first."""
+        self.source = source
+        self.paths = paths
+        self.log = log_
+        self.filler = filler
+        self.distrust = distrust
 
-    Raises OSError only for failures of the filesystem itself; every reason to leave a file
-    alone is an :class:`Outcome` that says why.
-    """
-    why = precheck(fd)
-    if why is not None:
-        return Outcome(False, why)
-    if marks is not None:
-        marks.arm(fd)
-    leased = stubbed = done = False
-    try:
-        leased = take_write_lease(fd)
-        if not leased:
-            return Outcome(False, IN_USE)
-        # nobody else has it open now, and nobody can open it until the lease goes: look again
-        why = precheck(fd)
+    def evict(self, fds: list[int]) -> list[Outcome]:
+        """Evict the files behind fds (O_RDWR fds on the store, opened where our I/O raises no event;
+        the caller closes them). One Outcome each, in order. Raises OSError only when the state
+        log cannot be written; every reason to leave a file alone is an Outcome."""
+        out: list[Optional[Outcome]] = [None] * len(fds)
+        self.log.refresh()  # pins set since by hsmfs pin
+        for start in range(0, len(fds), BATCH):
+            batch = []
+            for i in range(start, min(start + BATCH, len(fds))):
+                try:
+                    c = self._claim(i, fds[i])
+                except OSError as e:
+                    out[i] = Outcome(False, f"failed: {e.strerror or e}")
+                    continue
+                if isinstance(c, Outcome):
+                    out[i] = c
+                else:
+                    batch.append(c)
+            for c, o in self._evict_batch(batch):
+                out[c.i] = o
+        return [o if o is not None else Outcome(False, "failed") for o in out]
+
+    def _claim(self, i: int, fd: int) -> _Candidate | Outcome:
+        st = os.fstat(fd)
+        rec = tree.read_record(fd) if stat.S_ISREG(st.st_mode) else None
+        if rec is None:
+            return Outcome(False, LOCAL)
+        key = state.key_of(fd)
+        why = self._precheck(rec, st, key)
         if why is not None:
             return Outcome(False, why)
-        st = os.fstat(fd)
-        rec = tree.read_record(fd)
-        assert rec is not None  # precheck
-        src_fd, why = _open_source(fd, rec, st, source, paths, distrust=distrust)
-        if src_fd is None:
-            return Outcome(False, why)
+        c = _Candidate(i, fd, rec, key, st)
+        if self.filler is not None:
+            c.job = self.filler.begin_evict(fd)
+            if c.job is None:
+                return Outcome(False, FILLING)
+            self.filler.marks.stub(fd)
+        return c
+
+    def _precheck(self, rec: tree.Record, st: os.stat_result, key: state.Key) -> Optional[str]:
+        fs = self.log.state(rec, st, key)
+        if fs is FileState.STUB:
+            return STUB
+        if fs is FileState.DIRTY:
+            return DIRTY
+        if self.log.pinned(key):
+            return PINNED
+        return None
+
+    def _evict_batch(self, batch: list[_Candidate]) -> list[tuple[_Candidate, Outcome]]:
+        done: list[tuple[_Candidate, Outcome]] = []
+        ready: list[_Candidate] = []
         try:
-            before = st.st_blocks * 512
-            tree.write_record(fd, rec.with_state("stub"))  # before the punch: never "resident" over holes
-            stubbed = True
-            punch(fd, 0, st.st_size, st.st_size)
-            # whatever a filesystem kept must still be the source's bytes, or a refill takes it for a user's
-            for start, end in data_regions(fd, st.st_size):
-                copy_range(src_fd, fd, start, end)
+            for c in batch:
+                why = self._lease_and_check(c)
+                if why is None:
+                    ready.append(c)
+                else:
+                    done.append((c, Outcome(False, why)))
+            # before any data goes: a crash from here on leaves stubs, never resident files with holes
+            self.log.record([(c.key, state.OP_STUB, 0) for c in ready], durable=True)
+            for c in ready:
+                done.append((c, self._punch(c)))
+        except BaseException:
+            for c in ready:
+                if all(d is not c for d, _ in done):
+                    done.append((c, Outcome(False, "failed (see the log)")))
+            raise
         finally:
-            os.close(src_fd)
-        os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))  # the punch bumped mtime
-        if marks is not None:
-            marks.release(fd)
-        done = True
-        return Outcome(True, freed=max(0, before - os.fstat(fd).st_blocks * 512))
-    finally:
-        if marks is not None and not done:
-            # a failure after the record says stub leaves a stub: its mark must work, not be silenced
-            (marks.release if stubbed else marks.disarm)(fd)
-        if leased:
-            release_lease(fd)
+            stubbed = {id(c) for c in ready}
+            for c, _o in done:
+                self._release(c, stub=id(c) in stubbed)
+        return done
+
+    def _lease_and_check(self, c: _Candidate) -> Optional[str]:
+        """Take the lease and look again; None if the file may go, else why not."""
+        c.leased = take_write_lease(c.fd)
+        if not c.leased:
+            return IN_USE
+        # nobody else has it open now, and nobody can open it until the lease goes: look again
+        c.st = os.fstat(c.fd)
+        why = self._precheck(c.rec, c.st, c.key)
+        if why is not None:
+            return why
+        try:
+            c.src = self.source.open(self.paths.get(c.rec.path_id), c.rec)
+        except (SourceError, tree.RecordError):
+            return SOURCE_CHANGED
+        fs = self.log.state(c.rec, c.st, c.key)
+        if (fs is FileState.UNVERIFIED or self.distrust) and not c.src.same(c.fd, 0, c.st.st_size):
+            self.log.record([(c.key, state.OP_DIRTY, 0)], durable=True)
+            return DIRTY
+        return None
+
+    def _punch(self, c: _Candidate) -> Outcome:
+        assert c.src is not None
+        before = c.st.st_blocks * 512
+        size = c.st.st_size
+        try:
+            punch(c.fd, 0, size, size)
+            # whatever a filesystem kept must still be the source's bytes, or a refill takes it for a user's
+            for start, end in data_regions(c.fd, size):
+                c.src.copy_to(c.fd, start, end)
+            os.utime(c.fd, ns=(c.st.st_atime_ns, c.rec.mtime_ns))  # the punch bumped mtime
+        except OSError as e:
+            # the state log says stub and the stub mark is on: its next open refills what is missing
+            log.error("eviction of %s stopped half-way: %s; it is a stub now", self._name(c), e)
+            return Outcome(False, f"failed: {e.strerror or e}")
+        return Outcome(True, freed=max(0, before - os.fstat(c.fd).st_blocks * 512))
+
+    def _release(self, c: _Candidate, *, stub: bool) -> None:
+        if c.src is not None:
+            c.src.close()
+            c.src = None
+        if not stub and self.filler is not None:
+            try:
+                self.filler.marks.settle(c.fd)  # still resident: back to no mark
+            except OSError as e:
+                log.warning("cannot remove the mark of %s: %s", self._name(c), e)
+        if c.leased:
+            release_lease(c.fd)
+            c.leased = False
+        if c.job is not None and self.filler is not None:
+            self.filler.end_evict(c.job, stub=stub)
+            c.job = None
+
+    def _name(self, c: _Candidate) -> str:
+        try:
+            return self.paths.get(c.rec.path_id)
+        except (OSError, tree.RecordError):
+            return f"inode {c.st.st_ino}"
 
 
-def _open_source(fd: int, rec: tree.Record, st: os.stat_result, source: Source, paths: tree.PathTable, *,
-                 distrust: bool) -> tuple[Optional[int], str]:
-    """(fd of the source object, "") if the source still holds what the stub will describe and, for
-    an unverified file, the file still equals it; else (None, why the file must stay)."""
+def open_for_eviction(root_fd: int, rel: str) -> int:
+    """An O_RDWR fd of the file rel beneath root_fd (a tree, or the filler's private root), no symlink followed."""
+    from hsmfs.linux.fs import open_beneath
+
     try:
-        src_fd = source.open(paths.get(rec.path_id))
-    except (OSError, tree.RecordError):
-        return None, SOURCE_CHANGED
-    try:
-        sst = os.fstat(src_fd)
-        if sst.st_size != rec.size or sst.st_mtime_ns != rec.mtime_ns:
-            why = SOURCE_CHANGED
-        # unverified: a session ended uncleanly, and a user's fdatasync'd write may hide under the record
-        elif (rec.state == "unverified" or distrust) and not same_as_source(fd, src_fd, 0, st.st_size):
-            tree.write_record(fd, rec.with_state("dirty"))
-            why = DIRTY
-        else:
-            return src_fd, ""
+        return open_beneath(root_fd, rel, os.O_RDWR | os.O_NONBLOCK)
     except OSError as e:
-        os.close(src_fd)
-        if e.errno in (errno.EIO, errno.ENOENT, errno.ESTALE):
-            return None, SOURCE_CHANGED
+        if e.errno == errno.ETXTBSY:
+            raise OSError(errno.ETXTBSY, IN_USE) from None
         raise
-    os.close(src_fd)
-    return None, why

@@ -4,19 +4,49 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from hsmfs.tree import Record
+
+
+class SourceError(Exception):
+    """The source cannot give this object's bytes; readers get the policy's errno and the stub stays a stub.
+
+    ``errno`` is the cause when there is one (ENOSPC and EDQUOT of the store are told apart by
+    callers), the message says which object and why, for the log.
+    """
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class SourceFile(Protocol):
+    """One source object, checked to be the one a stub record describes."""
+
+    def data_regions(self) -> list[tuple[int, int]]:
+        """[(start, end)] of the object that hold data; the rest reads as zeros (holes of a sparse file)."""
+        ...
+
+    def copy_to(self, dst_fd: int, start: int, end: int) -> None:
+        """Write the object's bytes [start, end) into dst_fd at the same offsets."""
+        ...
+
+    def same(self, dst_fd: int, start: int, end: int) -> bool:
+        """Whether dst_fd's bytes [start, end) are the object's."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class Source(Protocol):
-    """What the filler needs from a source: a readable fd per object."""
+    """What the filler needs from a source."""
 
     def describe(self) -> str:
         """A human-readable name for logs ("/srv/data", "s3://bucket/prefix")."""
         ...
 
-    def open(self, rel: str) -> int:
-        """A readable fd of the object rel; OSError (ENOENT, ELOOP, ...) when it cannot be had.
-
-        The filler checks its size and mtime against the stub's record, then copies from it.
-        """
+    def open(self, rel: str, rec: Record) -> SourceFile:
+        """The object rel, checked against rec; SourceError if it is gone, unreadable, or not the
+        object the stub was made from (so never served under the stub's old metadata)."""
         ...
 
     def close(self) -> None: ...

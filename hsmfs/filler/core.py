@@ -1,0 +1,701 @@
+"""The filler of one mount: reads its group's permission events, fills stubs, commits, answers.
+
+Threads, each with its own job:
+
+- **reader**: the only thread that reads the group. An event for a file being filled joins that
+  fill; one for a file filled and waiting for its commit is allowed at once; one for a stub starts
+  a fill (journaled first, :mod:`hsmfs.filler.takeover`). It also answers the readers of fills
+  that outlast ``fill_timeout`` with the policy's errno.
+- **workers** (``policy.workers``): fill one inode each, demand fills before fill-ahead. A fill
+  reads and writes the stub through the filler's own clone of the tree
+  (:func:`hsmfs.filler.marks.private_root`), so it raises no event in its own group.
+- **committer**: every ``commit_interval``, or sooner when many fills wait, one ``syncfs`` makes a
+  batch of fills durable, one append to the state log records them as resident at the ctime
+  each had right after its fill, and only then do their stub marks go (hsmfs.state says why a
+  ctime: any later change by anyone makes the file dirty).
+- with a space budget, the **evictor** (hsmfs.filler.budget), and the control socket's thread.
+
+Fill-ahead: the first fill in a directory queues the directory's other small stubs, filled by the
+workers when no demand fill waits, bounded by ``fill_ahead_max_size`` per file and
+``fill_ahead_bytes`` in flight. A tree walker then finds them filled, and most of them committed:
+no event at all.
+
+This process never opens a file through a view, and never touches a stub but through its own
+clone of the tree: the source is the only other thing it reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from hsmfs import state, tree
+from hsmfs.filler.evict import IN_USE, Evictor, Outcome
+from hsmfs.filler.fill import Filled, fill
+from hsmfs.filler.marks import Marks
+from hsmfs.filler.takeover import Journal, reserve, sweep
+from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import open_beneath, syncfs
+from hsmfs.linux.handles import open_handle
+from hsmfs.policy import Policy
+from hsmfs.sources import Source, SourceError
+from hsmfs.state import FileState, Key, StateLog
+
+log = logging.getLogger("hsmfs.filler")
+
+Ino = tuple[int, int]  # (st_dev, st_ino): what an event fd's fstat names
+COMMIT_BATCH = 1024  # at most this many fills wait for one commit
+DEMAND, AHEAD = 0, 1  # worker queue priorities
+_EAGAIN = fan.deny_errno(errno.EAGAIN)
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    fills: int = 0
+    fill_bytes: int = 0
+    ahead_fills: int = 0
+    fill_errors: int = 0
+    timeouts: int = 0
+    replayed: int = 0
+    swept: int = 0
+    commits: int = 0
+    committed: int = 0
+    overflows: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    enospc: int = 0  # fills that found the store full (and made room, or answered ENOSPC)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def as_dict(self) -> dict[str, object]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> Optional[float]:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
+
+        d: dict[str, object] = {k: v for k, v in self.__dict__.items() if k != "latencies"}
+        d["fill_latency_ms"] = {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}
+        return d
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A permission event waiting for a fill: its fd number, and whether the fd is ours to close
+    (a dead predecessor's numbers are not: the kernel only needs an answer)."""
+
+    fd: int
+    since: float
+    owned: bool = True
+    journaled: bool = False  # an "R" line names it in the in-flight journal: answering it writes "A"
+    answered: bool = False
+
+
+@dataclass(eq=False)
+class Job:
+    """One inode being filled (or evicted): whoever asks for it meanwhile waits here."""
+
+    ino: Ino
+    kind: str  # "demand", "ahead", "replay", "evict"
+    key: Key
+    waiters: list[Waiter] = field(default_factory=list)
+    rec: Optional[tree.Record] = None
+    fd: int = -1  # the worker's O_RDWR fd through the private root
+    reserved: int = 0  # bytes fill-ahead counted in flight for it
+
+
+@dataclass(eq=False)
+class Pending:
+    """A fill waiting for its commit; fd keeps the inode (through the private root) for it."""
+
+    ino: Ino
+    key: Key
+    fd: int
+    ctime_ns: int
+    users: bool
+    size: int
+
+
+class Filler:
+    def __init__(self, group: int, root_fd: int, root_path: str, paths: tree.PathTable, log_: StateLog,
+                 source: Source, policy: Policy, journal: Optional[Journal] = None) -> None:
+        """root_fd: the filler's private root of the tree (hsmfs.filler.marks.private_root);
+        root_path: the tree's path, walked (lstat and xattrs only) by scans for the space budget."""
+        self.group = group
+        self.root_fd = root_fd
+        self.root_path = root_path
+        self.paths = paths
+        self.log = log_
+        self.source = source
+        self.policy = policy
+        self.journal = journal
+        self.marks = Marks(group)
+        self.stats = Stats()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._inflight: dict[Ino, Job] = {}
+        self._pending: dict[Ino, Pending] = {}
+        self._committing: list[Pending] = []
+        self._commit_cv = threading.Condition(self._lock)
+        self._committed = threading.Condition(self._lock)
+        self._flushes = 0
+        self._stopping = False
+        self._evict_lock = threading.Lock()  # one eviction at a time (by hand, budget, full store)
+        self._work: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._threads = [threading.Thread(target=self._read_loop, name="reader", daemon=True),
+                         threading.Thread(target=self._commit_loop, name="committer", daemon=True)]
+        self._threads += [threading.Thread(target=self._work_loop, name=f"fill-{i}", daemon=True)
+                          for i in range(policy.workers)]
+        from hsmfs.filler.ahead import FillAhead
+        from hsmfs.filler.budget import Budget
+
+        self.ahead = FillAhead(self, policy)
+        self.budget: Optional[Budget] = Budget(self, policy) if policy.max_resident_bytes else None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+        if self.budget is not None:
+            self.budget.start()
+
+    def stop(self) -> None:
+        """Stop reading; let running fills finish and answer their readers; commit what is filled."""
+        os.write(self._wake_w, b"x")
+        self._threads[0].join()  # the reader: no new work from here on
+        self.ahead.stop()
+        if self.budget is not None:
+            self.budget.stop()
+        for _ in self._threads[2:]:
+            self._work.put((AHEAD + 1, next(self._seq), _STOP))  # after the work queued before it
+        for t in self._threads[2:]:
+            t.join()
+        with self._lock:
+            self._stopping = True
+            self._commit_cv.notify_all()
+        self._threads[1].join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def take_over(self) -> None:
+        """Start serving after a dead predecessor: sweep, then fill and allow what it journaled.
+
+        Responses match by fd number only, so before the first new event is read every stale
+        number is either answered (EAGAIN: an error, never a stub's holes) or, for journaled
+        events, held by a dup so no new event can take it. Journaled files are filled like any
+        demand fill; their numbers are allowed as soon as their fill is done.
+        """
+        pending = self.journal.pending() if self.journal is not None else {}
+        if self.journal is not None:
+            self.journal.reset()
+        t0 = time.monotonic()
+        self.stats.swept = sweep(self.group, pending)
+        reserved = reserve(pending)
+        by_key: dict[Key, list[int]] = {}
+        for n, key in pending.items():
+            by_key.setdefault(key, []).append(n)
+        jobs = []
+        for key, numbers in by_key.items():
+            waiters = [Waiter(n, t0, owned=False, journaled=True) for n in numbers]
+            job = self._replay_job(key, waiters)
+            if job is not None:
+                jobs.append(job)
+        self.start()
+        for job in jobs:
+            self._submit(DEMAND, lambda j=job: self._fill_job(j))  # type: ignore[misc]
+        if pending or self.stats.swept:
+            for job in jobs:
+                self._wait_done(job)
+            log.warning("took over from a dead filler in %.0f ms: %d events filled and allowed, %d answered EAGAIN",
+                        (time.monotonic() - t0) * 1000, self.stats.replayed, self.stats.swept)
+        for n in reserved:
+            os.close(n)
+
+    def _replay_job(self, key: Key, waiters: list[Waiter]) -> Optional[Job]:
+        """A job for a file a dead predecessor was filling, or None if its numbers were answered here."""
+        try:
+            fd = open_handle(self.root_fd, *state.split_key(key), os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            log.error("cannot reopen a file a dead filler was filling: %s; its readers get %s", e,
+                      self.policy.source_error)
+            self._answer(waiters, fan.deny_errno(self.policy.source_errno))
+            return None
+        st = os.fstat(fd)
+        job = Job((st.st_dev, st.st_ino), "replay", key, waiters, fd=fd)
+        with self._lock:
+            self._inflight[job.ino] = job
+        self.stats.replayed += len(waiters)
+        return job
+
+    def _wait_done(self, job: Job) -> None:
+        with self._lock:
+            while self._inflight.get(job.ino) is job:
+                self._committed.wait(0.05)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        try:
+            self._read_events()
+        except BaseException:
+            # a filler that no longer reads would hang every reader: die, the supervisor restarts us
+            log.critical("the event reader failed; exiting so the supervisor restarts the filler", exc_info=True)
+            os._exit(70)
+
+    def _read_events(self) -> None:
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.group, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        period = min(1.0, self.policy.fill_timeout / 4)
+        next_check = time.monotonic() + period
+        while True:
+            ready = poller.poll(period * 1000)
+            now = time.monotonic()
+            if now >= next_check:
+                self._expire(now)
+                next_check = now + period
+            if any(fd == self._wake_r for fd, _ in ready):
+                return
+            if not ready:
+                continue
+            try:
+                n = os.readv(self.group, [buf])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                # the kernel could not open an event's fd (and denied that event): keep reading
+                log.error("reading the fanotify group failed: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    with self._lock:
+                        self._commit_cv.notify_all()  # a commit closes the fds it holds
+                    time.sleep(0.05)
+                continue
+            todo: list[Job] = []
+            journal: list[tuple[int, Key]] = []
+            try:
+                events = list(fan.parse(view[:n]))
+            except ValueError as e:  # never seen; answer nothing we can't parse rather than guess
+                log.critical("fanotify read returned garbage: %s", e)
+                continue
+            for ev in events:
+                try:
+                    self._dispatch(ev, todo, journal)
+                except Exception:
+                    log.exception("bug while looking at an event for %s", _fd_path(ev.fd))
+                    self._answer([Waiter(ev.fd, now)], fan.deny_errno(self.policy.source_errno))
+            if journal and self.journal is not None:
+                self.journal.read(journal)  # before any of this work can be answered
+            for job in todo:
+                self._submit(DEMAND, lambda j=job: self._fill_job(j))  # type: ignore[misc]
+
+    def _dispatch(self, ev: fan.Event, todo: list[Job], journal: list[tuple[int, Key]]) -> None:
+        if ev.mask & fan.FAN_Q_OVERFLOW:
+            self.stats.overflows += 1
+            log.critical("ALARM: fanotify queue overflowed; some reads may have seen stub holes")
+            return
+        if ev.fd < 0:
+            return
+        if not ev.mask & fan.PERM_EVENTS:  # the view's FAN_OPEN_EXEC: it only says the view is there
+            os.close(ev.fd)
+            return
+        self.stats.events += 1
+        now = time.monotonic()
+        if ev.pid == self._pid:  # never expected (our own I/O goes through an ignored mount): never wait on it
+            self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
+            return
+        st = os.fstat(ev.fd)
+        ino = (st.st_dev, st.st_ino)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event mask=%#x fd=%d pid=%d range=%d+%d ino=%d", ev.mask, ev.fd, ev.pid, ev.offset,
+                      ev.count, st.st_ino)
+        with self._lock:
+            job = self._inflight.get(ino)
+            if job is not None:
+                self._join(job, ev.fd, now)
+                return
+            filled = ino in self._pending or any(p.ino == ino for p in self._committing)
+        if filled:  # every byte is there, the commit is pending
+            self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
+            return
+        rec = tree.read_record(ev.fd)
+        key = state.key_of(ev.fd)
+        fs = self.log.state(rec, st, key)
+        if fs is not FileState.STUB:
+            # a mark left over (a filler died between its commit and the marks): nothing to fill
+            self.marks.settle(ev.fd)
+            self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
+            return
+        assert rec is not None
+        with self._lock:
+            job = self._inflight.get(ino)  # an ahead fill may have taken it meanwhile
+            if job is not None:
+                self._join(job, ev.fd, now)
+                return
+            job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec)
+            self._inflight[ino] = job
+        journal.append((ev.fd, key))  # written before the job is submitted: nothing can answer it sooner
+        todo.append(job)
+
+    def _join(self, job: Job, fd: int, now: float) -> None:
+        """Under the lock: the event fd waits for job. Journaled at once: a worker may answer it as
+        soon as the lock is released, and "A" must never precede its "R"."""
+        if self.journal is not None:
+            self.journal.read([(fd, job.key)])
+        job.waiters.append(Waiter(fd, now, journaled=self.journal is not None))
+
+    def _expire(self, now: float) -> None:
+        """Readers of a fill that takes longer than fill_timeout get the policy's errno, not a hang.
+
+        They leave the job under the lock, so the worker, which takes the job's waiters under the
+        same lock, never answers them again; the fill itself goes on."""
+        late: list[tuple[Job, list[Waiter]]] = []
+        with self._lock:
+            for job in self._inflight.values():
+                old = [w for w in job.waiters if now - w.since > self.policy.fill_timeout]
+                if old:
+                    job.waiters = [w for w in job.waiters if now - w.since <= self.policy.fill_timeout]
+                    late.append((job, old))
+                    self.stats.timeouts += len(old)
+        for job, waiters in late:
+            log.error("fill of %s took longer than %.0f s; %d readers get %s", self._describe(job),
+                      self.policy.fill_timeout, len(waiters), self.policy.source_error)
+            self._answer(waiters, fan.deny_errno(self.policy.source_errno))
+
+    def _answer(self, waiters: list[Waiter], response: int) -> None:
+        """Answer each waiter once; journal that; only then close the fds. Responses match by fd
+        number: once an fd is closed its number may name a new event, so "A" goes first."""
+        done = []
+        for w in waiters:
+            if w.answered:
+                continue
+            w.answered = True
+            try:
+                fan.respond(self.group, w.fd, response)
+            except OSError as e:
+                if w.owned:
+                    log.error("answering event fd %d failed: %s", w.fd, e)
+            done.append(w)
+        if self.journal is not None:
+            self.journal.answered([w.fd for w in done if w.journaled])
+        for w in done:
+            if w.owned:
+                os.close(w.fd)
+
+    # -- filling ---------------------------------------------------------------------------------
+    def _submit(self, priority: int, work: Callable[[], None]) -> None:
+        self._work.put((priority, next(self._seq), work))
+
+    def _work_loop(self) -> None:
+        while True:
+            _prio, _seq, work = self._work.get()
+            if work is _STOP:
+                return
+            try:
+                work()
+            except Exception:
+                log.exception("bug in a fill worker")
+
+    def _fill_job(self, job: Job) -> None:
+        """Fill job's inode; answer everyone who waited on it; queue the commit."""
+        t0 = time.monotonic()
+        response = fan.FAN_ALLOW
+        done: Optional[Filled] = None
+        failed = False
+        try:
+            if job.fd < 0:
+                job.fd = open_handle(self.root_fd, *state.split_key(job.key), os.O_RDWR | os.O_NONBLOCK)
+            st = os.fstat(job.fd)
+            rec = job.rec or tree.read_record(job.fd)
+            job.rec = rec
+            if job.kind != "demand" and self.log.state(rec, st, job.key) is not FileState.STUB:
+                self.marks.settle(job.fd)  # a replayed file filled before its filler died, or an ahead race
+            else:
+                assert rec is not None
+                done = self._fill_making_room(job.fd, rec)
+                self.marks.filled(job.fd)
+                # wait for the commit with a read-only fd: a file open for writing cannot be executed
+                # (ETXTBSY), and a filled file's next exec no longer has the pre-content mark that
+                # would excuse that
+                rfd = os.open(f"/proc/self/fd/{job.fd}", os.O_RDONLY | os.O_CLOEXEC)
+                os.close(job.fd)
+                job.fd = rfd
+        except SourceError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.error("cannot fill %s from %s: %s; %s, the stub stays a stub", self._describe(job),
+                      self.source.describe(), e, "readers get ENOSPC" if full else
+                      f"readers get {self.policy.source_error}")
+            response = fan.deny_errno(e.errno if full else self.policy.source_errno)
+            failed = True
+        except (OSError, tree.RecordError) as e:
+            log.error("cannot fill %s: %s; readers get %s, the stub stays a stub", self._describe(job), e,
+                      self.policy.source_error)
+            response = fan.deny_errno(self.policy.source_errno)
+            failed = True
+        except Exception:
+            log.exception("bug while filling %s", self._describe(job))
+            response = fan.deny_errno(self.policy.source_errno)
+            failed = True
+        with self._lock:
+            self.stats.fill_errors += failed
+            del self._inflight[job.ino]
+            waiters = job.waiters
+            job.waiters = []
+            if done is not None:
+                self._pending[job.ino] = Pending(job.ino, job.key, job.fd, done.ctime_ns, done.users,
+                                                 job.rec.size if job.rec is not None else 0)
+                if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
+                    self._commit_cv.notify_all()
+            if done is not None and job.kind != "ahead":
+                self.stats.fills += 1
+                self.stats.fill_bytes += done.written
+                self.stats.latencies.append(time.monotonic() - t0)
+            elif done is not None:
+                self.stats.ahead_fills += 1
+                self.stats.fill_bytes += done.written
+            self._committed.notify_all()
+        self._answer(waiters, response)
+        if done is None and job.fd >= 0:
+            os.close(job.fd)
+        job.fd = -1
+        if job.kind in ("demand", "replay") and job.rec is not None:
+            self.ahead.touched(job.rec.path_id)
+        elif job.kind == "ahead":
+            self.ahead.done(job.reserved)
+
+    def fill_ahead(self, path: str, size: int) -> None:
+        """Fill the stub at path (relative to the tree) if it still is one and nobody fills it yet."""
+        try:
+            fd = open_beneath(self.root_fd, path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError:
+            self.ahead.done(size)
+            return
+        job = None
+        try:
+            st = os.fstat(fd)
+            ino = (st.st_dev, st.st_ino)
+            with self._lock:
+                busy = ino in self._inflight or ino in self._pending
+            if not busy:
+                rec = tree.read_record(fd)
+                key = state.key_of(fd)
+                if self.log.state(rec, st, key) is FileState.STUB:
+                    with self._lock:
+                        if ino not in self._inflight and ino not in self._pending:
+                            job = Job(ino, "ahead", key, rec=rec, fd=fd, reserved=size)
+                            self._inflight[ino] = job
+        except (OSError, tree.RecordError):
+            job = None
+        if job is None:
+            os.close(fd)
+            self.ahead.done(size)
+            return
+        self._fill_job(job)
+
+    def _fill_making_room(self, fd: int, rec: tree.Record) -> Filled:
+        """fill(), with room made for it: checked before it writes (hsmfs.filler.budget.make_room), and
+        made again if the write still finds the store full (filesystems that free space only at their
+        next commit, such as btrfs, show it late); SourceError(ENOSPC) once nothing more can go."""
+        from hsmfs.filler.budget import ROOM_TRIES, NoRoom, make_room, room_after_enospc
+
+        rel = self.paths.get(rec.path_id)
+        for attempt in range(ROOM_TRIES):
+            try:
+                return fill(fd, rec, self.source, rel, room=lambda need: make_room(self, need))
+            except SourceError as e:
+                if isinstance(e, NoRoom) or e.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == ROOM_TRIES - 1:
+                    raise
+                room_after_enospc(self, rec.size, e)
+        raise AssertionError("unreachable")
+
+    # -- committing ------------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._commit_cv.wait()
+                if not self._pending and self._stopping:
+                    return
+                deadline = time.monotonic() + self.policy.commit_interval
+                while len(self._pending) < COMMIT_BATCH and not self._stopping and not self._flushes:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._commit_cv.wait(left)
+                batch = list(self._pending.values())
+                self._pending.clear()
+                self._committing = batch
+            try:
+                self._commit(batch)
+            except Exception:
+                log.exception("bug in a commit")
+            with self._lock:
+                self._committing = []
+                self._committed.notify_all()
+
+    def flush(self, timeout: float = 30.0, *, fills: bool = True) -> None:
+        """Commit every fill now. With fills, also wait for running fills; without, only for the
+        fills waiting for a commit now (new ones may keep coming)."""
+        with self._lock:
+            self._flushes += 1
+            try:
+                self._commit_cv.notify_all()
+                deadline = time.monotonic() + timeout
+                mine = set(self._pending) | {p.ino for p in self._committing}
+                while time.monotonic() < deadline:
+                    waiting = set(self._pending) | {p.ino for p in self._committing}
+                    busy = any(j.kind != "evict" for j in self._inflight.values())
+                    if fills and not waiting and not busy:
+                        break
+                    if not fills and not (mine & waiting):
+                        break
+                    self._committed.wait(0.05)
+            finally:
+                self._flushes -= 1
+
+    def _commit(self, batch: list[Pending]) -> None:
+        """Data durable, then the state log, then the marks go: a crash anywhere costs a refetch at most."""
+        try:
+            syncfs(self.root_fd)
+            self.log.record([(p.key, state.OP_DIRTY if p.users else state.OP_RESIDENT, p.ctime_ns) for p in batch],
+                            durable=True)
+        except OSError as e:
+            # nothing is settled: each keeps its mark, and its next open compares it with the source
+            log.error("commit of %d files failed: %s; they will be compared with the source on their next open",
+                      len(batch), e)
+            for p in batch:
+                os.close(p.fd)
+            return
+        filled = 0
+        for p in batch:
+            try:
+                self.marks.settle(p.fd)
+            except OSError as e:
+                log.warning("cannot remove the mark of %s: %s (its opens keep asking the filler)", _fd_path(p.fd), e)
+            if self.budget is not None:
+                filled += tree.resident_bytes(os.fstat(p.fd))
+            os.close(p.fd)
+        if self.budget is not None:
+            self.budget.filled(filled)
+        with self._lock:
+            self.stats.commits += 1
+            self.stats.committed += len(batch)
+        if self.log.compact():
+            log.info("compacted the state log")
+
+    # -- evicting (hsmfs.filler.evict does the work) -------------------------------------------------
+    def evict(self, keys: list[Key]) -> list[Outcome]:
+        """Evict the files named by keys (hsmfs evict through the control socket); one Outcome each."""
+        with self._lock:
+            pending = bool(self._pending)
+        if pending:
+            self.flush(fills=False)  # files waiting for their commit cannot be evicted yet
+        out: list[Optional[Outcome]] = [None] * len(keys)
+        fds: list[int] = []
+        where: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                fds.append(open_handle(self.root_fd, *state.split_key(key), os.O_RDWR | os.O_NONBLOCK))
+                where.append(i)
+            except OSError as e:
+                out[i] = Outcome(False, IN_USE if e.errno == errno.ETXTBSY else f"cannot open: {e.strerror}")
+        try:
+            for i, o in zip(where, self.evict_fds(fds)):
+                out[i] = o
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return [o if o is not None else Outcome(False, "failed") for o in out]
+
+    def evict_fds(self, fds: list[int]) -> list[Outcome]:
+        """Evict the files behind fds (O_RDWR through the private root); counted in the stats."""
+        with self._evict_lock:
+            outcomes = Evictor(self.source, self.paths, self.log, filler=self).evict(fds)
+        freed = sum(o.freed for o in outcomes)
+        with self._lock:
+            self.stats.evictions += sum(o.evicted for o in outcomes)
+            self.stats.evicted_bytes += freed
+        if self.budget is not None:
+            self.budget.freed(freed)
+        return outcomes
+
+    def begin_evict(self, fd: int) -> Optional[Job]:
+        """Claim the inode behind fd for an eviction; None if it is being filled or awaits its commit."""
+        st = os.fstat(fd)
+        ino = (st.st_dev, st.st_ino)
+        with self._lock:
+            if ino in self._inflight or ino in self._pending or any(p.ino == ino for p in self._committing):
+                return None
+            job = Job(ino, "evict", state.key_of(fd))
+            self._inflight[ino] = job
+            return job
+
+    def end_evict(self, job: Job, *, stub: bool) -> None:
+        """The eviction of job is over; whoever opened the file meanwhile gets it filled (stub) or allowed."""
+        with self._lock:
+            waiters = job.waiters
+            if not (stub and waiters):
+                del self._inflight[job.ino]
+                job.waiters = []
+            else:
+                job.kind, job.rec, job.fd = "demand", None, -1
+        if stub and waiters:
+            self._submit(DEMAND, lambda: self._fill_job(job))
+        else:
+            self._answer(waiters, fan.FAN_ALLOW)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            d = self.stats.as_dict()
+            d["inflight"] = sum(1 for j in self._inflight.values() if j.kind != "evict")
+            d["pending_commit"] = len(self._pending) + len(self._committing)
+        d["fill_ahead"] = self.ahead.status()
+        d["budget"] = self.budget.status() if self.budget is not None else None
+        return d
+
+    def pending_bytes(self) -> int:
+        """Bytes of files filled and not committed yet (the space budget's estimate counts them at commit)."""
+        with self._lock:
+            return sum(p.size for p in self._pending.values()) + sum(p.size for p in self._committing)
+
+    def states(self, keys: list[Key]) -> list[Optional[str]]:
+        """FileState.FILLED for files filled and not yet committed, else None (look at the disk)."""
+        with self._lock:
+            filled = {p.key for p in self._pending.values()} | {p.key for p in self._committing}
+        return [FileState.FILLED.value if k in filled else None for k in keys]
+
+    def _describe(self, job: Job) -> str:
+        if job.rec is not None:
+            try:
+                return self.paths.get(job.rec.path_id)
+            except (OSError, tree.RecordError):
+                pass
+        return _fd_path(job.fd) if job.fd >= 0 else f"inode {job.ino[1]}"
+
+
+def _stop() -> None:
+    pass
+
+
+_STOP: Callable[[], None] = _stop
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+__all__ = ["Filler", "Job", "Pending", "Stats", "Waiter", "Any"]

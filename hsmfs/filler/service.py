@@ -1,0 +1,88 @@
+"""One filler at work: the filler, its private root, its journal and its control socket.
+
+The supervisor's child (``python -m hsmfs.filler``) and hsmfs@.service's main process share it.
+Construction answers what a dead predecessor left pending (journal, then sweep) and only then
+starts reading new events.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Optional
+
+from hsmfs import state, tree
+from hsmfs.control import RUN_DIR, Server
+from hsmfs.filler.core import Filler
+from hsmfs.filler.marks import private_root
+from hsmfs.filler.takeover import Journal
+from hsmfs.policy import Policy
+from hsmfs.sources.local import LocalSource
+from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
+
+log = logging.getLogger("hsmfs.filler")
+
+
+class Serving:
+    def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
+                 ns: Optional[int] = None, restarts: int = 0) -> None:
+        self.group = group
+        self.tree = store.tree
+        self.target = target
+        self.ns = ns  # the inode of the view's mount namespace, None for ours
+        self.view_ns = ns_inode() if ns is None else ns
+        self.restarts = restarts
+        self.source = LocalSource(store.source)
+        self.paths = tree.PathTable(store.path)
+        self.log = state.StateLog(store.path, writable=True)
+        self.root_fd = private_root(group, store.tree)
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        self.journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
+        self.filler = Filler(group, self.root_fd, store.tree, self.paths, self.log, self.source, policy, self.journal)
+        self.filler.take_over()
+        self.server = Server(store.name, self.handle)
+        self.server.start()
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            view = marked_mount(self.group)
+            return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status(),
+                    "view_mounted": view is not None,
+                    "other_mounts": [] if view is not None else self.other_mounts(None)}
+        if op == "umount":
+            lazy = bool(req.get("lazy"))
+            others = self.other_mounts(marked_mount(self.group))
+            if others and not lazy:  # they would read stubs as holes once the group is gone
+                return {"ok": False, "errno": errno.EBUSY, "error": "other mounts of the tree exist",
+                        "other_mounts": others}
+            try:
+                detach(self.target, lazy=lazy, ns=self.ns)
+            except OSError as e:
+                return {"ok": False, "errno": e.errno, "error": str(e)}
+            # whoever holds the group sees the view go and stops us once no other mount is left
+            return {"ok": True, "other_mounts": others}
+        if op == "evict":
+            keys = [state.make_key(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
+            return {"ok": True, "results": [o.as_dict() for o in self.filler.evict(keys)]}
+        if op == "states":
+            keys = [state.make_key(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
+            return {"ok": True, "states": self.filler.states(keys)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def other_mounts(self, view_id: Optional[int]) -> list[str]:
+        """The tree's mounts other than the view (views.other_mounts: reads /proc only, never the tree)."""
+        return [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns, view_id=view_id)]
+
+    def close(self) -> None:
+        """Answer every event read, commit what is filled; the group stays open (it is not ours)."""
+        self.server.close()
+        self.filler.stop()
+        self.journal.close()
+        os.unlink(self.journal.path)  # every event read was answered: nothing for a successor
+        os.close(self.root_fd)
+        self.log.close()
+        self.paths.close()
+        self.source.close()
+        log.info("filler stopped: %s", self.filler.status())

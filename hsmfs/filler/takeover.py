@@ -1,0 +1,132 @@
+"""Taking over from a dead filler: the in-flight journal, the sweep, the replay.
+
+A filler that dies leaves the events it read pending in the kernel, matched by fd number only
+(docs/kernel.md, "Answering"), and their event fds, the files' identities, die with it. So before
+work starts on an event the filler appends ``R <fd> <key hex>`` to ``/run/hsmfs/NAME.journal``
+(key: the file's handle), and ``A <fd>`` once it is answered; several lines go in one write. Its
+successor, before it reads any event (:func:`take_over`):
+
+1. answers ``EAGAIN`` to every other fd number below :data:`FD_LIMIT` (an error, never a stub's
+   holes; the process's fd limit is pinned to that number, so no event fd can lie above it);
+2. holds each journaled number with a dup of /dev/null, so that no new event can take it;
+3. starts reading; fills each journaled file (by handle, through its own clone of the tree) and
+   allows its numbers; then lets the numbers go.
+
+Events answered at once by the reader thread (files already filled) are not journaled: a crash in
+that window leaves them to the sweep, which answers EAGAIN.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+
+from hsmfs.linux import fanotify as fan
+from hsmfs.state import Key
+
+FD_LIMIT = 65536  # RLIMIT_NOFILE of every filler; the sweep answers exactly the numbers below it
+COMPACT_AT = 1 << 20  # bytes: truncate when nothing is outstanding and the file is this big
+
+
+def pin_fd_limit() -> None:
+    """Soft and hard RLIMIT_NOFILE = FD_LIMIT (lower only if the hard limit is lower and cannot be raised).
+
+    Held fds (fills waiting for their commit) can outnumber a default soft limit of 1024; a limit
+    above FD_LIMIT (systemd's 524288) would let event fds escape the sweep.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, FD_LIMIT), min(hard, FD_LIMIT)))
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._size = os.fstat(self.fd).st_size
+
+    def pending(self) -> dict[int, Key]:
+        """Events a predecessor read and did not answer: fd number -> file key."""
+        data = os.pread(self.fd, self._size, 0)
+        out: dict[int, Key] = {}
+        for line in data.split(b"\n")[:-1]:  # a torn last line has no newline: ignore it
+            parts = line.split()
+            try:
+                if parts[0] == b"R" and len(parts) == 3:
+                    out[int(parts[1])] = bytes.fromhex(parts[2].decode())
+                elif parts[0] == b"A" and len(parts) == 2:
+                    out.pop(int(parts[1]), None)
+            except (ValueError, IndexError):
+                continue
+        return out
+
+    def reset(self) -> None:
+        with self._lock:
+            os.ftruncate(self.fd, 0)
+            self._size = 0
+            self._outstanding = 0
+
+    def read(self, events: list[tuple[int, Key]]) -> None:
+        self._append(b"".join(b"R %d %s\n" % (fd, key.hex().encode()) for fd, key in events), len(events))
+
+    def answered(self, fds: list[int]) -> None:
+        self._append(b"".join(b"A %d\n" % fd for fd in fds), -len(fds))
+
+    def _append(self, data: bytes, delta: int) -> None:
+        if not data:
+            return
+        with self._lock:
+            os.write(self.fd, data)
+            self._size += len(data)
+            self._outstanding += delta
+            if self._outstanding <= 0 and self._size >= COMPACT_AT:
+                os.ftruncate(self.fd, 0)
+                self._size = 0
+                self._outstanding = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def sweep(group: int, keep: dict[int, Key]) -> int:
+    """Answer EAGAIN to every pending fd number below the fd limit but those in keep; returns how many."""
+    again = fan.deny_errno(11)  # EAGAIN
+    swept = 0
+    for n in range(fd_limit()):
+        if n in keep:
+            continue
+        try:
+            fan.respond(group, n, again)
+            swept += 1
+        except OSError:
+            pass  # ENOENT: nothing pending under that number
+    return swept
+
+
+def reserve(numbers: dict[int, Key]) -> list[int]:
+    """Occupy each free fd number in numbers (with /dev/null) so no new event fd can take it."""
+    reserved = []
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    for n in numbers:
+        if n == null:
+            reserved.append(n)
+            continue
+        try:
+            os.fstat(n)
+            continue  # ours already: no event fd can get that number either
+        except OSError:
+            pass
+        os.dup2(null, n, inheritable=False)
+        reserved.append(n)
+    if null not in reserved:
+        os.close(null)
+    return reserved
