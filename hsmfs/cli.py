@@ -31,6 +31,7 @@ from hsmfs.errors import (
 )
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
+from hsmfs.names import escape
 from hsmfs.policy import load_policy
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
@@ -198,7 +199,7 @@ def _populate(src: str, st: tree.Store) -> None:
                 bar.update(task, completed=done, total=total)
 
             stats = populate(src, st, progress=progress)
-    print(f"stub tree of {src}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
+    print(f"stub tree of {escape(src)}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
           f"({_size(stats.bytes)} in the source)", file=sys.stderr)
 
 
@@ -225,7 +226,8 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
         line = ready.readline().decode().strip()
     if line == "ready":
         where = f"{target} (mount namespace of {namespace.label})" if namespace else target
-        print(f"hsmfs: {st.source} is live at {where} (filler pid {proc.pid}, log {log_path})", file=sys.stderr)
+        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_path})",
+              file=sys.stderr)
         return
     proc.wait()
     if line.startswith("error "):
@@ -246,30 +248,30 @@ def umount(
     _need_root("hsmfs umount")
     rt = _find(target)
     reply = request(rt.name, {"op": "umount", "lazy": lazy})
-    others = ", ".join(reply.get("other_mounts") or [])
+    others = ", ".join(escape(m) for m in reply.get("other_mounts") or [])
     if not reply.get("ok"):
         if others:
-            raise Busy(f"the tree of {rt.target} is also mounted {others}: they would read unfilled files as "
+            raise Busy(f"the tree of {escape(rt.target)} is also mounted {others}: they would read unfilled files as "
                        "holes once its filler stops", hint="unmount those first, or use --lazy (the filler "
                        "then serves them until the last one is gone)")
         if reply.get("errno") == 16:
             holders = _holders(rt.target) if rt.namespace is None else []
             who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
-            raise Busy(f"{rt.target} is busy: {who}", hint="stop those processes, or use --lazy")
-        raise HsmfsError(f"umount of {rt.target} failed: {reply.get('error')}")
+            raise Busy(f"{escape(rt.target)} is busy: {escape(who)}", hint="stop those processes, or use --lazy")
+        raise HsmfsError(f"umount of {escape(rt.target)} failed: {reply.get('error')}")
     if lazy:
         also = f" and the other mounts of its tree ({others})" if others else ""
-        print(f"hsmfs: detached {rt.target}; its filler serves the users it still has{also}, then exits",
+        print(f"hsmfs: detached {escape(rt.target)}; its filler serves the users it still has{also}, then exits",
               file=sys.stderr)
         return
     deadline = time.monotonic() + 60
     while rt.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     if rt.alive():
-        print(f"hsmfs: unmounted {rt.target}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
+        print(f"hsmfs: unmounted {escape(rt.target)}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
               file=sys.stderr)
         return
-    print(f"hsmfs: unmounted {rt.target}", file=sys.stderr)
+    print(f"hsmfs: unmounted {escape(rt.target)}", file=sys.stderr)
 
 
 def _holders(path: str) -> list[str]:
@@ -360,9 +362,9 @@ def status(
     for d in out:
         where = d["target"] + (f" (namespace {d['namespace']})" if d["namespace"] else "")
         if d.get("view_mounted") is False:
-            others = ", ".join(d.get("other_mounts") or [])
+            others = ", ".join(escape(m) for m in d.get("other_mounts") or [])
             where += f" (unmounted; still serving its tree, also mounted {others})" if others else " (unmounted)"
-        print(f"{d['name']}: {d['source']} -> {where}  supervisor pid {d['pid']}, filler pid "
+        print(f"{d['name']}: {escape(d['source'])} -> {escape(where)}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
@@ -406,7 +408,7 @@ def stat_cmd(
                          "pinned": rec is not None and tree.is_pinned(p), "source": src})
         except (OSError, tree.RecordError) as e:
             failed = True
-            print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            print(f"hsmfs: {escape(p)}: {escape(str(getattr(e, 'strerror', None) or e))}", file=sys.stderr)
     for t in tables.values():
         t.close()
     if as_json:
@@ -414,7 +416,7 @@ def stat_cmd(
     else:
         for r in rows:
             print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
-                  f"{r['path']}")
+                  f"{escape(str(r['path']))}")
     if failed:
         raise typer.Exit(66)
 
@@ -479,7 +481,8 @@ def evict(
         print(json.dumps([{"path": f.shown, **o.as_dict()} for f, o in rows], indent=1))
     else:
         for f, o in rows:
-            print(f"evicted  {_size(o.freed):>10}  {f.shown}" if o.evicted else f"skipped  {f.shown}: {o.reason}")
+            print(f"evicted  {_size(o.freed):>10}  {escape(f.shown)}" if o.evicted
+                  else f"skipped  {escape(f.shown)}: {escape(o.reason)}")
     why = "; ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     print(f"hsmfs: evicted {evicted} files, freed {_size(freed)}" + (f"; skipped {sum(skipped.values())}: {why}"
           if skipped else ""), file=sys.stderr)
@@ -553,11 +556,11 @@ def _pin(paths: list[str], pinned: bool) -> None:
     for _place, files in _files(paths):
         for f in files:
             if tree.read_record(f.path) is None:
-                print(f"skipped  {f.shown}: not from the source (made by a user)")
+                print(f"skipped  {escape(f.shown)}: not from the source (made by a user)")
                 continue
             if tree.set_pinned(f.path, pinned):
                 changed += 1
-                print(f"{'pinned' if pinned else 'unpinned':<8} {f.shown}")
+                print(f"{'pinned' if pinned else 'unpinned':<8} {escape(f.shown)}")
             else:
                 same += 1
     word = "pinned" if pinned else "unpinned"
@@ -615,7 +618,7 @@ def prefetch(
         try:
             os.close(os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
         except OSError as e:
-            failed.append(f"{f.shown}: {e.strerror}")
+            failed.append(f"{escape(f.shown)}: {e.strerror}")
         if bar is not None:
             bar.advance(0, f.st.st_size)
 
@@ -663,22 +666,38 @@ def install_units(
         print(f"hsmfs: {line}", file=sys.stderr)
 
 
+def _setup_logging() -> None:
+    """Warnings of the work done in this process (populate: vanished entries, submounts) on stderr, escaped."""
+    import logging
+
+    from hsmfs.process import EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("hsmfs: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def main() -> None:
     if os.path.basename(sys.argv[0]) == "mount.hsmfs" or os.path.basename(sys.argv[0]).startswith("mount.hsmfs."):
         from hsmfs.mounthelper import main as mount_helper  # /sbin/mount.hsmfs -> hsmfs
 
         sys.exit(mount_helper(sys.argv[1:]))
+    _setup_logging()
     try:
         app()
     except HsmfsError as e:
         if _debug:
             raise
-        print(f"hsmfs: error: {e}", file=sys.stderr)
+        # a message may have several lines of its own (a policy file's mistakes); each is escaped,
+        # and every name a user chose was escaped where the message was made
+        print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:
         if _debug:
             raise
-        print(f"hsmfs: error: {e}", file=sys.stderr)
+        print(f"hsmfs: error: {escape(str(e))}", file=sys.stderr)
         sys.exit(71)  # EX_OSERR
     except KeyboardInterrupt:
         print("hsmfs: interrupted", file=sys.stderr)

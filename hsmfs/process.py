@@ -8,6 +8,8 @@ import resource
 import signal
 import sys
 
+from hsmfs.names import escape
+
 
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -15,8 +17,25 @@ def setup_logging(level: str) -> None:
         # the journal stamps time, pid and unit itself; <N> sets each line's priority
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class EscapingFormatter(logging.Formatter):
+    """One log record, one line: the message (file names users chose among it) is escaped.
+
+    A name holding a newline would otherwise add a line of its own choosing to the log, with
+    the priority of the record it hides in (hsmfs.names). A traceback stays as it is: it is
+    hsmfs's own text, and the exception's message in it is a repr.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        saved = record.message
+        record.message = escape(saved)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = saved
 
 
 def raise_fd_limit() -> None:
@@ -64,7 +83,7 @@ def journal_priority(levelno: int) -> int:
     return 7
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(EscapingFormatter):
     """Prefixes every line with ``<N>``: journald makes one entry per line, tracebacks included."""
 
     def format(self, record: logging.LogRecord) -> str:
