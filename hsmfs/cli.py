@@ -199,8 +199,11 @@ def _populate(src: str, st: tree.Store) -> None:
                 bar.update(task, completed=done, total=total)
 
             stats = populate(src, st, progress=progress)
+    left = "".join(f"; {n} {what}" for n, what in (
+        (stats.vanished, "names vanished or changed while populate read the source (left out, named above)"),
+        (stats.submounts, "mount points left out (populate does not cross them)")) if n)
     print(f"stub tree of {escape(src)}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
-          f"({_size(stats.bytes)} in the source)", file=sys.stderr)
+          f"({_size(stats.bytes)} in the source){left}", file=sys.stderr)
 
 
 def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str]) -> None:
