@@ -40,7 +40,7 @@ from hsmfs.views import (
     marked_mount,
     ns_inode,
     other_mounts,
-    source_restrictions,
+    view_restrictions,
 )
 
 log = logging.getLogger("hsmfs.daemon")
@@ -184,7 +184,8 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     """
     begin_session(store)
     stubs, settled = mark_tree(group, store.tree)
-    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=source_restrictions(store.source),
+    restrict = view_restrictions(store.source, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
+    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=restrict,
                     strictatime=policy.max_resident_bytes > 0)
     where = f"{target} in namespace {namespace}" if namespace else target
     log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,

@@ -10,6 +10,8 @@ The file holds flat top-level keys only (docs/config.md documents each one)::
     max_resident_bytes = "20G"
     high_watermark = 0.9
     low_watermark = 0.8
+    allow_suid = false
+    allow_devices = false
 
 Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
 saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
@@ -137,6 +139,12 @@ def _check_watermark(value: object) -> float:
     raise _Invalid("expected a fraction of max_resident_bytes greater than 0 and at most 1")
 
 
+def _check_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid("expected true or false")
+
+
 _CHECKS: dict[str, Callable[[object], Any]] = {
     "workers": _check_workers,
     "commit_interval": _check_commit_interval,
@@ -146,6 +154,8 @@ _CHECKS: dict[str, Callable[[object], Any]] = {
     "max_resident_bytes": _check_max_resident_bytes,
     "high_watermark": _check_watermark,
     "low_watermark": _check_watermark,
+    "allow_suid": _check_bool,
+    "allow_devices": _check_bool,
 }
 
 
@@ -165,6 +175,8 @@ class Policy:
     max_resident_bytes: int = 0
     high_watermark: float = 0.9
     low_watermark: float = 0.8
+    allow_suid: bool = False
+    allow_devices: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
