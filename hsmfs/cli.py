@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import select
@@ -31,7 +32,7 @@ from hsmfs.errors import (
 )
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
-from hsmfs.names import escape
+from hsmfs.names import EscapingFormatter, escape
 from hsmfs.policy import load_policy
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
@@ -671,10 +672,6 @@ def install_units(
 
 def _setup_logging() -> None:
     """Warnings of the work done in this process (populate: vanished entries, submounts) on stderr, escaped."""
-    import logging
-
-    from hsmfs.process import EscapingFormatter
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("hsmfs: %(message)s"))
     root = logging.getLogger()

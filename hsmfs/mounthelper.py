@@ -35,7 +35,8 @@ from typing import Optional
 from hsmfs import sdnotify
 from hsmfs.cli import mount, prepare_mount
 from hsmfs.errors import ConfigError, HsmfsError, NotPermitted, UsageError
-from hsmfs.process import EscapingFormatter, JournalFormatter, journal_stderr
+from hsmfs.names import EscapingFormatter
+from hsmfs.process import JournalFormatter, journal_stderr
 from hsmfs.systemd import Params, service_name, write_params
 from hsmfs.views import is_mountpoint
 

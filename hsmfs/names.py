@@ -5,7 +5,7 @@ hold a newline (a forged line in ``hsmfs evict``'s output or in the log), a carr
 terminal escape sequences (rewriting what an admin sees), bidirectional controls (a name that reads
 differently from what it is), or bytes that are not UTF-8. Every line hsmfs prints or logs passes
 what users chose through :func:`escape`: the CLI where it prints a path, and the log formatter of
-every hsmfs process (:class:`hsmfs.process.EscapingFormatter`) on every message, whatever module
+every hsmfs process (:class:`EscapingFormatter`) on every message, whatever module
 logged it.
 
 The rules, close to ``ls -b`` and ``systemd-escape``:
@@ -23,6 +23,7 @@ hold escaped names stay readable); the price is that a name holding a real backs
 
 from __future__ import annotations
 
+import logging
 import re
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -53,3 +54,20 @@ def escape(text: str) -> str:
     True
     """
     return _UNSAFE.sub(_one, text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """One log record, one line: the message (file names users chose among it) is escaped.
+
+    A name holding a newline would otherwise add a line of its own choosing to the log, with
+    the priority of the record it hides in (hsmfs.names). A traceback stays as it is: it is
+    hsmfs's own text, and the exception's message in it is a repr.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        saved = record.message
+        record.message = escape(saved)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = saved

@@ -8,7 +8,7 @@ import resource
 import signal
 import sys
 
-from hsmfs.names import escape
+from hsmfs.names import EscapingFormatter
 
 
 def setup_logging(level: str) -> None:
@@ -19,23 +19,6 @@ def setup_logging(level: str) -> None:
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-
-
-class EscapingFormatter(logging.Formatter):
-    """One log record, one line: the message (file names users chose among it) is escaped.
-
-    A name holding a newline would otherwise add a line of its own choosing to the log, with
-    the priority of the record it hides in (hsmfs.names). A traceback stays as it is: it is
-    hsmfs's own text, and the exception's message in it is a repr.
-    """
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        saved = record.message
-        record.message = escape(saved)
-        try:
-            return super().formatMessage(record)
-        finally:
-            record.message = saved
 
 
 def raise_fd_limit() -> None:
