@@ -34,6 +34,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.names import EscapingFormatter, escape
 from hsmfs.policy import load_policy
+from hsmfs.trust import UnsafeStore, check_store, open_source_root
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
 STORE_ROOT = "/var/lib/hsmfs"
@@ -163,7 +164,12 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
                           "pre-content marks", hint="put the store on ext4, xfs or btrfs: --store DIR")
     if src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep):
         raise UsageError(f"the store {store_dir} and the source {src} must not contain each other")
-    existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
+    check_store(store_dir)  # root's alone, and so is every directory above it (issue 11, item 7)
+    try:
+        existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
+    except (OSError, tree.RecordError) as e:
+        raise UnsafeStore(f"store {store_dir}: cannot read its hsmfs.json: {e}",
+                          hint="remove the store and mount again: it is built anew") from None
     if existing is not None and existing.source != src:
         raise UsageError(f"store {store_dir} holds a tree of {existing.source}, not {src}",
                          hint="use another --name or --store for a different source")
@@ -173,12 +179,17 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
     _check_kernel()
 
     st = existing or tree.Store(path=store_dir, name=name, source=src)
+    recorded = st.source_id
+    os.close(open_source_root(st))  # the directory the store was built from, or now records
     if existing is None:
         if store is None and not os.path.isdir(STORE_ROOT):
             os.makedirs(STORE_ROOT, mode=0o700)  # the default store root is root's alone
         os.makedirs(store_dir, mode=0o700, exist_ok=True)
         os.chmod(store_dir, 0o700)
+        check_store(store_dir)  # a directory above it made meanwhile by someone else: nothing to trust
         st.save()
+    elif recorded is None:
+        st.save()  # a store made before hsmfs recorded its source's identity
     if not st.populated:
         _populate(src, st)
     return st, tgt
@@ -521,7 +532,7 @@ def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     from hsmfs.filler.evict import IN_USE, Outcome, evict_file
     from hsmfs.sources.local import LocalSource
 
-    source, table = LocalSource(st.source), tree.PathTable(st.path)
+    source, table = LocalSource(st.source, identity=st.source_id), tree.PathTable(st.path)
     try:
         for f in files:
             try:

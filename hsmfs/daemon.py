@@ -33,6 +33,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import syncfs
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
+from hsmfs.trust import open_source_root
 from hsmfs.views import (
     attach,
     detach,
@@ -182,9 +183,13 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     With a space budget the view is strictatime: the budget's recency is the inodes' atime.
     Shared by the supervisor and the systemd service (hsmfs.systemd).
     """
+    src = open_source_root(store)  # the directory the store was built from, not whatever is there now
+    try:
+        restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
+    finally:
+        os.close(src)
     begin_session(store)
     stubs, settled = mark_tree(group, store.tree)
-    restrict = view_restrictions(store.source, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
     mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=restrict,
                     strictatime=policy.max_resident_bytes > 0)
     where = f"{target} in namespace {namespace}" if namespace else target

@@ -70,6 +70,7 @@ from hsmfs import tree
 from hsmfs.errors import CannotCreate, HsmfsError, SourceMissing
 from hsmfs.linux.fs import Statx, statx, syncfs
 from hsmfs.names import escape
+from hsmfs.trust import SourceReplaced, same_source, source_identity
 
 log = logging.getLogger("hsmfs.populate")
 
@@ -917,6 +918,12 @@ def populate(source_root: str, store: tree.Store, *, progress: Optional[Callable
                            "each other")
     nworkers = min(WORKERS, _cpus()) if workers is None else max(1, workers)
     root_fd, root_st = _open_root(source)
+    now = source_identity(root_fd)
+    if store.source_id is not None and not same_source(store.source_id, now):
+        os.close(root_fd)
+        raise SourceReplaced(f"source {escape(source)} is not the directory store {escape(store.path)} was built from",
+                             hint="if you moved the source on purpose, remove the store and mount again")
+    store.source_id = store.source_id or now
     top = _Dir("", _entry("", root_st), None)
     src = _Walker(top, root_fd, mnt_id=root_st.mnt_id)
     try:

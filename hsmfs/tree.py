@@ -140,7 +140,7 @@ class PathTable:
     def __init__(self, store_path: str, *, writable: bool = False) -> None:
         self.path = os.path.join(store_path, "paths")
         flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if writable else os.O_RDONLY
-        self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self._end = os.fstat(self.fd).st_size
         self._lock = threading.Lock()
 
@@ -215,7 +215,11 @@ class Store:
 
     Keys: ``v`` (schema 1), ``name``, ``source`` (absolute path), ``populated`` (true once every
     entry of the source has a stub), ``mounted`` (true while a session serves the tree; still true
-    at the next start means the last session ended uncleanly).
+    at the next start means the last session ended uncleanly), ``source_dev``, ``source_ino``,
+    ``source_fsid`` (which directory the source root was when the store was made: st_dev, st_ino,
+    f_fsid; a mount of another directory is refused, hsmfs.trust; absent in stores made before).
+
+    Its files are opened with O_NOFOLLOW, and hsmfs.json must be a regular file owned by root.
     """
 
     path: str
@@ -223,6 +227,7 @@ class Store:
     source: str
     populated: bool = False
     mounted: bool = False
+    source_id: Optional[tuple[int, int, int]] = None
 
     @property
     def tree(self) -> str:
@@ -235,21 +240,34 @@ class Store:
     @classmethod
     def load(cls, path: str) -> Optional[Store]:
         try:
-            with open(os.path.join(path, "hsmfs.json"), "rb") as f:
-                d = json.load(f)
+            fd = os.open(os.path.join(path, "hsmfs.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+                raise RecordError(f"{path}/hsmfs.json is not a regular file owned by root")
+            d = json.load(f)
         if d.get("v") != SCHEMA:
             raise RecordError(f"{path}/hsmfs.json: schema {d.get('v')} is not {SCHEMA}")
+        ident = (d.get("source_dev"), d.get("source_ino"), d.get("source_fsid"))
         return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
-                   mounted=bool(d.get("mounted", False)))
+                   mounted=bool(d.get("mounted", False)),
+                   source_id=(int(ident[0]), int(ident[1]), int(ident[2])) if None not in ident else None)
 
     def save(self) -> None:
         """Replace hsmfs.json atomically and durably (temp file, fsync, rename, fsync dir)."""
-        data = json.dumps({"v": SCHEMA, "name": self.name, "source": self.source,
-                           "populated": self.populated, "mounted": self.mounted}, indent=1).encode()
+        d: dict[str, object] = {"v": SCHEMA, "name": self.name, "source": self.source,
+                                "populated": self.populated, "mounted": self.mounted}
+        if self.source_id is not None:
+            d["source_dev"], d["source_ino"], d["source_fsid"] = self.source_id
+        data = json.dumps(d, indent=1).encode()
         tmp = self.meta + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.unlink(tmp)  # a leftover of a crash; never written through (O_EXCL|O_NOFOLLOW)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)

@@ -94,8 +94,8 @@ def mount_id(fd: int) -> int:
     raise OSError(f"no mnt_id in fdinfo of fd {fd}")
 
 
-def view_restrictions(source: str, *, allow_suid: bool = False, allow_devices: bool = False) -> int:
-    """The MOUNT_ATTR_NOSUID/NODEV/NOEXEC a view of source gets.
+def view_restrictions(source_fd: int, *, allow_suid: bool = False, allow_devices: bool = False) -> int:
+    """The MOUNT_ATTR_NOSUID/NODEV/NOEXEC a view of the source (its root's fd) gets.
 
     A view is a clone of the store's mount, and populate made every setuid file and device node of
     the source there as root. nosuid and nodev unless the policy allows them (allow_suid,
@@ -104,7 +104,7 @@ def view_restrictions(source: str, *, allow_suid: bool = False, allow_devices: b
     the view and hand its powers to any user. Populate does not cross the source's mount points,
     so the source root's mount is the only one whose files a view shows.
     """
-    flags = os.statvfs(source).f_flag
+    flags = os.fstatvfs(source_fd).f_flag
     return ((MOUNT_ATTR_NOSUID if flags & os.ST_NOSUID or not allow_suid else 0)
             | (MOUNT_ATTR_NODEV if flags & os.ST_NODEV or not allow_devices else 0)
             | (MOUNT_ATTR_NOEXEC if flags & os.ST_NOEXEC else 0))

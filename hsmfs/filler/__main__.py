@@ -45,7 +45,7 @@ class Serving:
         self.ns = ns  # the inode of the view's mount namespace, None for ours
         self.view_ns = ns_inode() if ns is None else ns
         self.restarts = restarts
-        self.source = LocalSource(store.source)
+        self.source = LocalSource(store.source, identity=store.source_id)  # never a replaced root (issue 11, #7)
         self.paths = tree.PathTable(store.path)
         self.tree_fd = os.open(store.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
