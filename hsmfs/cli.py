@@ -34,7 +34,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.names import EscapingFormatter, escape
 from hsmfs.policy import load_policy
-from hsmfs.trust import UnsafeStore, check_store, open_source_root
+from hsmfs.trust import UnsafeStore, check_store, open_source_root, weaknesses
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
 STORE_ROOT = "/var/lib/hsmfs"
@@ -146,6 +146,11 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         raise UsageError(f"mount name {name!r} may only hold letters, digits, '.', '_' and '-'")
     tgt = target
     if namespace is None:
+        # a symlink on the way that a user owns could point anywhere (/etc/cron.d): not followed
+        theirs = [w for w in weaknesses(target, itself=False)[1] if w.symlink]
+        if theirs:
+            raise CannotCreate(f"target {escape(target)} leads through a symlink that is not root's: "
+                               + "; ".join(map(str, theirs)), hint="give the target's real path")
         tgt = os.path.realpath(target)
         if not os.path.exists(tgt):
             raise CannotCreate(f"target {tgt} does not exist", hint=f"create it first: mkdir -p {tgt}")

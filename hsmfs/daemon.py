@@ -40,6 +40,7 @@ from hsmfs.views import (
     find_namespace,
     marked_mount,
     ns_inode,
+    open_target,
     other_mounts,
     view_restrictions,
 )
@@ -188,10 +189,17 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
         restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
     finally:
         os.close(src)
-    begin_session(store)
-    stubs, settled = mark_tree(group, store.tree)
-    mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, restrict=restrict,
-                    strictatime=policy.max_resident_bytes > 0)
+    # the target's directory itself, before anything changes: a symlink put on its path since
+    # hsmfs mount checked it is refused, never followed (views.open_target)
+    tfd = open_target(target) if nsfd is None else None
+    try:
+        begin_session(store)
+        stubs, settled = mark_tree(group, store.tree)
+        mnt_id = attach(group, store.tree, target, MASK, nsfd=nsfd, target_fd=tfd, restrict=restrict,
+                        strictatime=policy.max_resident_bytes > 0)
+    finally:
+        if tfd is not None:
+            os.close(tfd)
     where = f"{target} in namespace {namespace}" if namespace else target
     log.info("view of %s live at %s (mount id %d; %d stubs and %d settled files marked)", store.source,
              where, mnt_id, stubs, settled)

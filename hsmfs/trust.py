@@ -45,6 +45,7 @@ class Weakness:
 
     path: str
     why: str
+    symlink: bool = False  # a symlink that is not root's, rather than a directory
 
     def __str__(self) -> str:
         return f"{escape(self.path)} ({self.why})"
@@ -110,7 +111,7 @@ def weaknesses(path: str, *, itself: bool = True) -> tuple[str, list[Weakness]]:
             if hops > MAX_SYMLINKS:
                 raise OSError(errno.ELOOP, f"{path}: {os.strerror(errno.ELOOP)}")
             if st.st_uid != 0:
-                found.append(Weakness(nxt, f"a symlink owned by uid {st.st_uid}"))
+                found.append(Weakness(nxt, f"a symlink owned by uid {st.st_uid}", symlink=True))
             target = os.readlink(nxt)
             if target.startswith("/"):
                 cur = "/"

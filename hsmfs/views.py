@@ -9,21 +9,24 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-from hsmfs.errors import NotPermitted, UsageError
+from hsmfs.errors import CannotCreate, NotPermitted, UsageError
 from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from hsmfs.linux.mount import (
+    AT_FDCWD,
     MOUNT_ATTR__ATIME,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOEXEC,
     MOUNT_ATTR_NOSUID,
     MOUNT_ATTR_STRICTATIME,
     mount_setattr,
-    move_mount,
+    move_mount_to_fd,
     open_tree_clone,
     setns,
     umount,
 )
 from hsmfs.linux.ns import is_mount_ns, mount_ns_of_pid, owner_userns_inode
+from hsmfs.names import escape
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,35 @@ def view_restrictions(source_fd: int, *, allow_suid: bool = False, allow_devices
             | (MOUNT_ATTR_NOEXEC if flags & os.ST_NOEXEC else 0))
 
 
-def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
-           restrict: int = 0, strictatime: bool = False) -> int:
-    """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
+_TARGET_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+_TARGET_RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
-    With nsfd, the move happens in that mount namespace (:func:`in_namespace`).
+
+def open_target(target: str) -> int:
+    """An O_PATH fd of the directory target, reached from / without following any symlink.
+
+    hsmfs mount resolved the target (symlinks only if root's, hsmfs.trust) and checked it. A user
+    who can write to a directory on its path could since have put a symlink there (to /etc/cron.d,
+    say): the view is attached onto this fd, so it lands on the directory found here or nowhere.
+    """
+    try:
+        return openat2(AT_FDCWD, target, _TARGET_FLAGS, _TARGET_RESOLVE)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EXDEV):
+            raise CannotCreate(f"target {escape(target)} is no longer the directory hsmfs mount checked: "
+                               f"{e.strerror} on its path (someone replaced it, or a directory above it, by a "
+                               "symlink?)", hint="give the target's real path, in a directory users cannot "
+                               "write to") from None
+        raise
+
+
+def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
+           target_fd: Optional[int] = None, restrict: int = 0, strictatime: bool = False) -> int:
+    """Clone tree's mount, mark the clone, then move it onto target; return the view's mount id.
+
+    The move is onto an fd of target (target_fd, else :func:`open_target`), never onto a path
+    looked up anew. With nsfd it happens in that mount namespace (:func:`in_namespace`), onto the
+    target opened there the same way.
     """
     mfd = open_tree_clone(tree)
     try:
@@ -124,13 +151,33 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
             mount_setattr(mfd, MOUNT_ATTR_STRICTATIME, MOUNT_ATTR__ATIME)
         fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT, mask, mfd, ".")
         mnt = mount_id(mfd)
-        if nsfd is None:
-            move_mount(mfd, target)
-        else:
-            in_namespace(nsfd, lambda: move_mount(mfd, target))
+        if nsfd is not None:
+            try:
+                in_namespace(nsfd, lambda: _move_onto(mfd, target))
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EXDEV):
+                    raise CannotCreate(f"target {escape(target)} in that mount namespace: {e.strerror} on its path",
+                                       hint="give the target's real path in that namespace") from None
+                raise
+            return mnt
+        tfd = open_target(target) if target_fd is None else target_fd
+        try:
+            move_mount_to_fd(mfd, tfd)
+        finally:
+            if target_fd is None:
+                os.close(tfd)
         return mnt
     finally:
         os.close(mfd)
+
+
+def _move_onto(mfd: int, target: str) -> None:
+    """In the namespace helper: only system calls, OSError on failure."""
+    tfd = openat2(AT_FDCWD, target, _TARGET_FLAGS, _TARGET_RESOLVE)
+    try:
+        move_mount_to_fd(mfd, tfd)
+    finally:
+        os.close(tfd)
 
 
 def in_namespace(nsfd: int, action: Callable[[], None]) -> None:
@@ -171,17 +218,43 @@ def detach(target: str, *, lazy: bool = False, ns: Optional[int] = None) -> None
     There, umount2 runs in a forked child that joined the namespace (:func:`in_namespace`): never
     a program of that namespace, whose binaries its owner may have replaced. A namespace with no
     process left took its mounts, the view among them, with it: nothing to do.
+
+    The target's directory is reached without following a symlink (:func:`_umount_at`): a user who
+    can write to a directory above the view could otherwise point its path at another mount (one
+    that hides what is below it, say) and have root unmount that.
     """
     if ns is None or ns == ns_inode():
-        umount(target, lazy=lazy)
+        _umount_at(target, lazy=lazy, here=True)
         return
     nsfd = find_namespace(ns)
     if nsfd is None:
         return
     try:
-        in_namespace(nsfd, lambda: umount(target, lazy=lazy))
+        in_namespace(nsfd, lambda: _umount_at(target, lazy=lazy, here=False))
     finally:
         os.close(nsfd)
+
+
+def _umount_at(target: str, *, lazy: bool, here: bool) -> None:
+    """umount2 of the last name of target in its parent directory, opened without following any
+    symlink (ELOOP if there is one); the last name is never followed either (UMOUNT_NOFOLLOW).
+
+    here: name the parent through /proc/self/fd (this process may have threads); otherwise (the
+    single-threaded namespace helper, whose /proc may be another pid namespace's) fchdir to it.
+    """
+    head, name = os.path.split(os.path.normpath(target))
+    if not name:
+        umount(target, lazy=lazy)
+        return
+    pfd = openat2(AT_FDCWD, head, os.O_PATH | os.O_DIRECTORY, _TARGET_RESOLVE)
+    try:
+        if here:
+            umount(f"/proc/self/fd/{pfd}/{name}", lazy=lazy)
+        else:
+            os.fchdir(pfd)
+            umount(name, lazy=lazy)
+    finally:
+        os.close(pfd)
 
 
 def _unescape(field: str) -> str:

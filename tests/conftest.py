@@ -202,3 +202,38 @@ def views(loopfs: LoopFS, make_view: Callable[..., View]) -> Iterator[Callable[.
                 os.unlink(os.path.join("/run/hsmfs", v.name + ".journal"))
             except FileNotFoundError:
                 pass
+
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+def _child(work: Callable[[], None]) -> int:
+    """A forked child that runs work() as uid 65534 until killed; its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _drop_to_nobody()
+            work()
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[[Callable[[], None]], int]]:
+    """start(work) -> pid of a child running work() as nobody; all killed and reaped at teardown."""
+    pids: list[int] = []
+
+    def start(work: Callable[[], None]) -> int:
+        pid = _child(work)
+        pids.append(pid)
+        return pid
+
+    yield start
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -16,14 +16,11 @@ import os
 import random
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Callable
 
-import pytest
 from conftest import LoopFS, View, hsmfs
 from test_security import NOBODY, as_nobody
 
@@ -34,41 +31,6 @@ from hsmfs.populate import populate
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 SUBDIRS = 100
-
-
-def _drop_to_nobody() -> None:
-    os.setgroups([])
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
-
-
-def _child(work: Callable[[], None]) -> int:
-    """A forked child that runs work() as uid 65534 until killed; its pid."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _drop_to_nobody()
-            work()
-        finally:
-            os._exit(0)
-    return pid
-
-
-@pytest.fixture
-def children() -> Iterator[Callable[[Callable[[], None]], int]]:
-    """start(work) -> pid of a child running work() as nobody; all killed and reaped at teardown."""
-    pids: list[int] = []
-
-    def start(work: Callable[[], None]) -> int:
-        pid = _child(work)
-        pids.append(pid)
-        return pid
-
-    yield start
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 def tree_names(top: str) -> list[str]:

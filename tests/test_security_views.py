@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import shutil
 import stat
+import subprocess
+import time
 from typing import Callable
 
-from conftest import LoopFS, View
-from test_security import as_nobody
+from conftest import LoopFS, View, hsmfs
+from test_security import NOBODY, as_nobody
+
+from hsmfs.views import is_mountpoint
 
 
 def _setuid_source(loopfs: LoopFS) -> str:
@@ -51,3 +57,123 @@ def test_views_are_nosuid_nodev_by_default(loopfs: LoopFS, views: Callable[..., 
     assert not flags & (os.ST_NOSUID | os.ST_NODEV), hex(flags)
     assert as_nobody([allowed.path("suid-id"), "-u"]).out == b"0\n"
     assert as_nobody(["head", "-c", "4", allowed.path("zero")]).out == b"\0\0\0\0"
+
+
+# -- a TARGET redirected through a symlink ----------------------------------------------------------
+
+
+def _landing(loopfs: LoopFS) -> tuple[str, str, str]:
+    """(base, a root-owned directory standing for /etc/cron.d, a directory of nobody's)."""
+    base = loopfs.fresh_dir("tgt")
+    os.chmod(base, 0o755)
+    cron = os.path.join(base, "cron.d")
+    os.mkdir(cron, 0o755)
+    with open(os.path.join(cron, "job"), "w") as f:
+        f.write("root's own job\n")
+    user = os.path.join(base, "user")
+    os.mkdir(user, 0o755)
+    os.chown(user, NOBODY, NOBODY)
+    return base, cron, user
+
+
+def _mount(loopfs: LoopFS, name: str, src: str, target: str) -> tuple[int, str, list[str]]:
+    """hsmfs mount by hand (the target may be anything): (exit code, stderr, where the view landed);
+    any view it made is gone afterwards."""
+    store = os.path.join(loopfs.fresh_dir("store"), "s")
+    r = hsmfs("mount", "--name", name, "--store", store, src, target, check=False)
+    landed = _remove(name) if os.path.exists(f"/run/hsmfs/{name}.json") else []
+    return r.returncode, r.stderr, landed
+
+
+def _remove(name: str) -> list[str]:
+    """Unmount the view of mount name wherever it landed (returned); its supervisor then stops by itself."""
+    with open(f"/run/hsmfs/{name}.json") as f:
+        rt = json.load(f)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f if int(line.split()[0]) == rt["mnt_id"]]
+    for point in points:
+        subprocess.run(["umount", "-l", point], check=True)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{rt['pid']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return points
+
+
+def test_target_through_a_users_symlink_is_refused(loopfs: LoopFS, views: Callable[..., View]) -> None:
+    """TARGET (or a directory above it) is a symlink nobody put in their own directory: hsmfs mount
+    used to follow it and cover root's directory with a view of a source users write to."""
+    src = _setuid_source(loopfs)
+    base, cron, user = _landing(loopfs)
+    assert as_nobody(["ln", "-s", cron, os.path.join(user, "mnt")]).rc == 0
+    assert as_nobody(["ln", "-s", base, os.path.join(user, "up")]).rc == 0
+    for i, target in enumerate((os.path.join(user, "mnt"), os.path.join(user, "up", "cron.d"))):
+        rc, err, landed = _mount(loopfs, f"t{os.getpid()}-sym{i}", src, target)
+        assert cron not in landed, f"the view covered root's {cron}"
+        assert rc == 73 and "leads through a symlink that is not root's" in err, (target, rc, err)
+        assert f"(a symlink owned by uid {NOBODY})" in err and "hint: give the target's real path" in err
+    assert os.listdir(cron) == ["job"]
+
+
+def test_target_swapped_for_a_symlink_before_attach(loopfs: LoopFS, views: Callable[..., View],
+                                                    children: Callable[[Callable[[], None]], int]) -> None:
+    """TARGET's path is real directories when hsmfs mount checks it; nobody swaps the one above it
+    for a symlink (to the directory holding root's cron.d) as soon as the view's supervisor starts,
+    before it attaches the view. (move_mount never followed a symlink as the last name.)"""
+    src = _setuid_source(loopfs)
+    base, cron, user = _landing(loopfs)
+    parent, spare = os.path.join(user, "d"), os.path.join(user, "lnk")
+    target = os.path.join(parent, "cron.d")
+    assert as_nobody(["mkdir", "-p", target]).rc == 0
+    assert as_nobody(["ln", "-s", base, spare]).rc == 0
+    name = f"t{os.getpid()}-swap"
+
+    def swap_when_the_supervisor_starts() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        want = os.fsencode(target)
+        while True:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if b"hsmfs.daemon" in argv and want in argv:
+                    libc.renameat2(-100, os.fsencode(parent), -100, os.fsencode(spare), 2)  # RENAME_EXCHANGE
+                    return
+
+    children(swap_when_the_supervisor_starts)
+    rc, err, landed = _mount(loopfs, name, src, target)
+    assert cron not in landed, f"the view covered root's {cron}"
+    assert os.path.islink(parent), "the swap did not happen: the test did not test"
+    assert rc == 73 and "is no longer the directory hsmfs mount checked" in err, (rc, err)
+    assert os.listdir(cron) == ["job"]
+    assert not os.path.exists(f"/run/hsmfs/{name}.json")
+
+
+def test_umount_not_redirected_through_a_symlink(loopfs: LoopFS, views: Callable[..., View]) -> None:
+    """The view is mounted below nobody's directory; nobody moves that directory away (the view
+    goes with it) and puts a symlink in its place, to where root has another mount: hsmfs umount
+    used to unmount root's mount (one that hides what is below it, say)."""
+    src = _setuid_source(loopfs)
+    base, _cron, user = _landing(loopfs)
+    hidden = os.path.join(base, "mnt")  # the same last name as the view's mount point
+    os.mkdir(hidden)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "hsmfs-test-hides", hidden], check=True)
+    name = f"t{os.getpid()}-umount"
+    target = os.path.join(user, "d", "mnt")
+    try:
+        assert as_nobody(["mkdir", "-p", target]).rc == 0
+        store = os.path.join(loopfs.fresh_dir("store"), "s")
+        hsmfs("mount", "--name", name, "--store", store, src, target)
+        moved = as_nobody(["sh", "-c", f"mv {user}/d {user}/x && ln -s {base} {user}/d"])
+        assert moved.rc == 0, moved
+        r = hsmfs("umount", name, check=False)
+        assert is_mountpoint(hidden), f"hsmfs umount unmounted root's {hidden}: {r.stderr}"
+        assert r.returncode != 0 and "Too many levels of symbolic links" in r.stderr, r.stderr
+        assert is_mountpoint(os.path.join(user, "x", "mnt"))  # the view is still there, and served
+        assert as_nobody(["cat", os.path.join(user, "x", "mnt", "suid-id")]).rc == 0
+    finally:
+        if os.path.exists(f"/run/hsmfs/{name}.json"):
+            _remove(name)
+        while is_mountpoint(hidden):
+            subprocess.run(["umount", hidden], check=True)
