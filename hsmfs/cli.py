@@ -279,10 +279,17 @@ def umount(
             who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
             raise Busy(f"{escape(rt.target)} is busy: {escape(who)}", hint="stop those processes, or use --lazy")
         raise HsmfsError(f"umount of {escape(rt.target)} failed: {reply.get('error')}")
+    foreign = ", ".join(escape(m) for m in reply.get("foreign_mounts") or [])
     if lazy:
-        also = f" and the other mounts of its tree ({others})" if others else ""
+        also = f" and the other mounts of its tree ({', '.join(filter(None, (others, foreign)))})" \
+            if others or foreign else ""
         print(f"hsmfs: detached {escape(rt.target)}; its filler serves the users it still has{also}, then exits",
               file=sys.stderr)
+        return
+    if foreign:  # any user can make such a copy and keep it: it does not block, it is served
+        print(f"hsmfs: unmounted {escape(rt.target)}; copies of it in mount namespaces that another user "
+              f"namespace owns remain ({foreign}): its filler (supervisor pid {rt.pid}) serves them until they "
+              "are gone, then exits", file=sys.stderr)
         return
     deadline = time.monotonic() + 60
     while rt.alive() and time.monotonic() < deadline:

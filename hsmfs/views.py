@@ -336,9 +336,13 @@ class OtherMount:
     point: str  # in the namespace of pid
     pid: int  # a process that shows its mount namespace
     here: bool  # in the caller's own mount namespace
+    # in a mount namespace that another user namespace owns (unshare -Urm, a rootless container):
+    # its owner, any user, made it and can keep it forever; it does not block hsmfs umount
+    foreign: bool = False
 
     def __str__(self) -> str:
-        where = "" if self.here else f" in the mount namespace of pid {self.pid}"
+        owner = " (owned by another user namespace)" if self.foreign else ""
+        where = "" if self.here else f" in the mount namespace of pid {self.pid}{owner}"
         if self.kind == "overlay":
             return f"under an overlay at {self.point}{where}"
         if self.here:
@@ -365,11 +369,14 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
     here = ns_inode()
     view_ns = here if view_ns is None else view_ns
     tables: dict[int, tuple[int, list[MountEntry]]] = {here: (os.getpid(), read_mountinfo())}
+    foreign: set[int] = set()
     for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             ns = ns_inode(f"/proc/{pid}/ns/mnt")
             if ns not in tables:
                 tables[ns] = (pid, read_mountinfo(f"/proc/{pid}/mountinfo"))
+                if _foreign(pid, ns):
+                    foreign.add(ns)
         except (OSError, ValueError):  # gone, a kernel thread, or a line we cannot parse
             continue
     real = os.path.realpath(tree)
@@ -388,7 +395,7 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
         for m in table:
             if reaches(m) and m.mnt_id != view_id and (ns, m.mnt_id) not in gone_with_view:
                 found[ns, m.mnt_id] = OtherMount("bind mount" if ns == here else "namespace copy", m.point,
-                                                 pid, ns == here)
+                                                 pid, ns == here, ns in foreign)
         grown = True
         while grown:  # an overlay over an overlay of the tree reaches it too
             grown = False
@@ -399,10 +406,29 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
                     under = _containing(table, layer)
                     if (ns == view_ns and _beneath(layer, target)) or (under is not None and (
                             (ns, under.mnt_id) in found or reaches(under, os.path.relpath(layer, under.point)))):
-                        found[ns, m.mnt_id] = OtherMount("overlay", m.point, pid, ns == here)
+                        found[ns, m.mnt_id] = OtherMount("overlay", m.point, pid, ns == here, ns in foreign)
                         grown = True
                         break
     return list(found.values())
+
+
+def _foreign(pid: int, ns: int) -> bool:
+    """Whether the mount namespace ns (that of pid) is owned by another user namespace than ours.
+
+    Checked on the opened namespace file: a pid reused meanwhile gives another inode, and then,
+    as on any error, the answer is False (the mount keeps blocking: never give the group up on a
+    guess).
+    """
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.fstat(fd).st_ino == ns and owner_userns_inode(fd) != os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _propagation_copies(view: MountEntry, tables: dict[int, tuple[int, list[MountEntry]]]) -> set[tuple[int, int]]:

@@ -177,3 +177,44 @@ def test_umount_not_redirected_through_a_symlink(loopfs: LoopFS, views: Callable
             _remove(name)
         while is_mountpoint(hidden):
             subprocess.run(["umount", hidden], check=True)
+
+
+# -- item 9: a user's own namespace does not block hsmfs umount ------------------------------------
+
+
+def test_users_namespace_copy_does_not_block_umount(loopfs: LoopFS, views: Callable[..., View]) -> None:
+    """nobody's own user and mount namespace, made after the view: its copy of the view is nobody's
+    to keep as long as they like, so it must not block hsmfs umount (it made it exit 75). The view
+    is unmounted; the filler serves the copy until it is gone, and says so."""
+    src = _setuid_source(loopfs)
+    with open(os.path.join(src, "data"), "wb") as f:
+        f.write(b"served to the copy" * 1000)
+    v = views(src)
+    holder = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               "unshare", "-Urm", "sleep", "600"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            assert time.monotonic() < deadline and holder.poll() is None, "no namespace"
+            time.sleep(0.05)
+        supervisor = v.status()["pid"]
+        r = hsmfs("umount", v.target, check=False)
+        assert r.returncode == 0, r.stderr
+        v.mounted = False
+        assert not is_mountpoint(v.target)
+        assert f"mount namespace of pid {holder.pid}" in r.stderr and "another user namespace" in r.stderr, r.stderr
+        assert "serves them until they are gone" in r.stderr, r.stderr
+        # the copy reads real bytes: the filler still serves it
+        with open(f"/proc/{holder.pid}/root{v.target}/data", "rb") as f:
+            assert f.read() == b"served to the copy" * 1000
+        assert os.path.exists(f"/proc/{supervisor}")
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{supervisor}"):
+            assert time.monotonic() < deadline, f"the supervisor did not stop:\n{v.log[-2000:]}"
+            time.sleep(0.1)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
