@@ -666,11 +666,18 @@ def prefetch(
 
 
 @app.command()
-def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.")) -> None:
-    """Check kernel, store filesystem and privileges; say what is missing and how to fix it."""
+def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check."),
+           source: Optional[list[str]] = typer.Option(None, "--source", help="A source to check the path of "
+                                                      "(repeatable; the running mounts' sources are checked too).")
+           ) -> None:
+    """Check kernel, store filesystem and privileges; say what is missing and how to fix it.
+
+    Warns (without failing) when someone other than root can replace a source root.
+    """
     from hsmfs.doctor import format_checks, run_checks
 
-    checks = run_checks(store)
+    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records())]))
+    checks = run_checks(store, sources)
     print(format_checks(checks))
     if not all(c.ok for c in checks):
         raise typer.Exit(Unavailable.exit_code)

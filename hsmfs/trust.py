@@ -85,7 +85,9 @@ def weaknesses(path: str, *, itself: bool = True) -> tuple[str, list[Weakness]]:
 
     Walks path from / one name at a time as the kernel would, following symlinks, and judges every
     directory it passes through (and, with itself, the last one) and every symlink it follows.
-    The part of path that does not exist yet is left out: whoever makes it decides its owner.
+    Without itself, the last name is judged only by who may replace it: in a sticky directory
+    others may write to (the one exception above), its owner may. The part of path that does not
+    exist yet is left out: whoever makes it decides its owner.
     """
     todo = [p for p in reversed(os.path.abspath(path).split("/")) if p]
     found: list[Weakness] = []
@@ -117,11 +119,18 @@ def weaknesses(path: str, *, itself: bool = True) -> tuple[str, list[Weakness]]:
                 cur = "/"
             todo += [p for p in reversed(target.split("/")) if p]
             continue
-        cur = nxt
+        parent, cur = cur, nxt
         if stat.S_ISDIR(st.st_mode) and (todo or itself):
             why = dir_weakness(nxt, st)
             if why:
                 found.append(Weakness(nxt, why))
+        elif not todo and st.st_uid != 0:
+            # the last name, not judged itself; in a sticky directory others may write to, its owner
+            # may still rename it and put another in its place
+            pmode = os.lstat(parent).st_mode
+            if pmode & 0o002 and pmode & stat.S_ISVTX:
+                found.append(Weakness(nxt, f"owned by uid {st.st_uid} in the sticky directory {escape(parent)}, "
+                                      "where the owner of a name may replace it"))
     return cur, found
 
 
