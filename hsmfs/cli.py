@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import select
@@ -31,7 +32,9 @@ from hsmfs.errors import (
 )
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
+from hsmfs.names import EscapingFormatter, escape
 from hsmfs.policy import load_policy
+from hsmfs.trust import UnsafeStore, check_store, open_source_root, weaknesses
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
 STORE_ROOT = "/var/lib/hsmfs"
@@ -144,6 +147,11 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         raise UsageError(f"mount name {name!r} may only hold letters, digits, '.', '_' and '-'")
     tgt = target
     if namespace is None:
+        # a symlink on the way that a user owns could point anywhere (/etc/cron.d): not followed
+        theirs = [w for w in weaknesses(target, itself=False)[1] if w.symlink]
+        if theirs:
+            raise CannotCreate(f"target {escape(target)} leads through a symlink that is not root's: "
+                               + "; ".join(map(str, theirs)), hint="give the target's real path")
         tgt = os.path.realpath(target)
         if not os.path.exists(tgt):
             raise CannotCreate(f"target {tgt} does not exist", hint=f"create it first: mkdir -p {tgt}")
@@ -162,7 +170,12 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
                           "pre-content marks", hint="put the store on ext4, xfs or btrfs: --store DIR")
     if src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep):
         raise UsageError(f"the store {store_dir} and the source {src} must not contain each other")
-    existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
+    check_store(store_dir)  # root's alone, and so is every directory above it (issue 11, item 7)
+    try:
+        existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
+    except (OSError, tree.RecordError) as e:
+        raise UnsafeStore(f"store {store_dir}: cannot read its hsmfs.json: {e}",
+                          hint="remove the store and mount again: it is built anew") from None
     if existing is not None and existing.source != src:
         raise UsageError(f"store {store_dir} holds a tree of {existing.source}, not {src}",
                          hint="use another --name or --store for a different source")
@@ -172,17 +185,23 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
     _check_kernel()
 
     st = existing or tree.Store(path=store_dir, name=name, source=src)
+    recorded = st.source_id
+    os.close(open_source_root(st))  # the directory the store was built from, or now records
     if existing is None:
         if store is None and not os.path.isdir(STORE_ROOT):
             os.makedirs(STORE_ROOT, mode=0o700)  # the default store root is root's alone
         os.makedirs(store_dir, mode=0o700, exist_ok=True)
         os.chmod(store_dir, 0o700)
+        check_store(store_dir)  # a directory above it made meanwhile by someone else: nothing to trust
         st.save()
+    elif recorded is None:
+        st.save()  # a store made before hsmfs recorded its source's identity
     if st.schema != tree.SCHEMA:
         from hsmfs.state import upgrade
 
         n = upgrade(st)
-        print(f"hsmfs: upgraded the store {st.path} from hsmfs 0.1 ({n} stub records rewritten)", file=sys.stderr)
+        print(f"hsmfs: upgraded the store {escape(st.path)} from hsmfs 0.1 ({n} stub records rewritten)",
+              file=sys.stderr)
     if not st.populated:
         _populate(src, st)
     return st, tgt
@@ -204,8 +223,11 @@ def _populate(src: str, st: tree.Store) -> None:
                 bar.update(task, completed=done, total=total)
 
             stats = populate(src, st, progress=progress)
-    print(f"stub tree of {src}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
-          f"({_size(stats.bytes)} in the source)", file=sys.stderr)
+    left = "".join(f"; {n} {what}" for n, what in (
+        (stats.vanished, "names vanished or changed while populate read the source (left out, named above)"),
+        (stats.submounts, "mount points left out (populate does not cross them)")) if n)
+    print(f"stub tree of {escape(src)}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
+          f"({_size(stats.bytes)} in the source){left}", file=sys.stderr)
 
 
 def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str]) -> None:
@@ -231,7 +253,8 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
         line = ready.readline().decode().strip()
     if line == "ready":
         where = f"{target} (mount namespace of {namespace.label})" if namespace else target
-        print(f"hsmfs: {st.source} is live at {where} (filler pid {proc.pid}, log {log_path})", file=sys.stderr)
+        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_path})",
+              file=sys.stderr)
         return
     proc.wait()
     if line.startswith("error "):
@@ -252,30 +275,37 @@ def umount(
     _need_root("hsmfs umount")
     rt = _find(target)
     reply = request(rt.name, {"op": "umount", "lazy": lazy})
-    others = ", ".join(reply.get("other_mounts") or [])
+    others = ", ".join(escape(m) for m in reply.get("other_mounts") or [])
     if not reply.get("ok"):
         if others:
-            raise Busy(f"the tree of {rt.target} is also mounted {others}: they would read unfilled files as "
+            raise Busy(f"the tree of {escape(rt.target)} is also mounted {others}: they would read unfilled files as "
                        "holes once its filler stops", hint="unmount those first, or use --lazy (the filler "
                        "then serves them until the last one is gone)")
         if reply.get("errno") == 16:
             holders = _holders(rt.target) if rt.namespace is None else []
             who = "; ".join(holders) if holders else "see fuser -vm " + rt.target
-            raise Busy(f"{rt.target} is busy: {who}", hint="stop those processes, or use --lazy")
-        raise HsmfsError(f"umount of {rt.target} failed: {reply.get('error')}")
+            raise Busy(f"{escape(rt.target)} is busy: {escape(who)}", hint="stop those processes, or use --lazy")
+        raise HsmfsError(f"umount of {escape(rt.target)} failed: {reply.get('error')}")
+    foreign = ", ".join(escape(m) for m in reply.get("foreign_mounts") or [])
     if lazy:
-        also = f" and the other mounts of its tree ({others})" if others else ""
-        print(f"hsmfs: detached {rt.target}; its filler serves the users it still has{also}, then exits",
+        also = f" and the other mounts of its tree ({', '.join(filter(None, (others, foreign)))})" \
+            if others or foreign else ""
+        print(f"hsmfs: detached {escape(rt.target)}; its filler serves the users it still has{also}, then exits",
               file=sys.stderr)
+        return
+    if foreign:  # any user can make such a copy and keep it: it does not block, it is served
+        print(f"hsmfs: unmounted {escape(rt.target)}; copies of it in mount namespaces that another user "
+              f"namespace owns remain ({foreign}): its filler (supervisor pid {rt.pid}) serves them until they "
+              "are gone, then exits", file=sys.stderr)
         return
     deadline = time.monotonic() + 60
     while rt.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     if rt.alive():
-        print(f"hsmfs: unmounted {rt.target}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
+        print(f"hsmfs: unmounted {escape(rt.target)}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
               file=sys.stderr)
         return
-    print(f"hsmfs: unmounted {rt.target}", file=sys.stderr)
+    print(f"hsmfs: unmounted {escape(rt.target)}", file=sys.stderr)
 
 
 def _holders(path: str) -> list[str]:
@@ -367,9 +397,9 @@ def status(
     for d in out:
         where = d["target"] + (f" (namespace {d['namespace']})" if d["namespace"] else "")
         if d.get("view_mounted") is False:
-            others = ", ".join(d.get("other_mounts") or [])
+            others = ", ".join(escape(m) for m in d.get("other_mounts") or [])
             where += f" (unmounted; still serving its tree, also mounted {others})" if others else " (unmounted)"
-        print(f"{d['name']}: {d['source']} -> {where}  supervisor pid {d['pid']}, filler pid "
+        print(f"{d['name']}: {escape(d['source'])} -> {escape(where)}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
@@ -419,7 +449,7 @@ def stat_cmd(
                              "source": table.get(rec.path_id) if rec is not None else None})
             except (OSError, HsmfsError) as e:
                 failed = True
-                print(f"hsmfs: {p}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+                print(f"hsmfs: {escape(p)}: {escape(str(getattr(e, 'strerror', None) or e))}", file=sys.stderr)
     finally:
         for log_, table in stores.values():
             log_.close()
@@ -429,7 +459,7 @@ def stat_cmd(
     else:
         for r in rows:
             print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
-                  f"{r['path']}")
+                  f"{escape(str(r['path']))}")
     if failed:
         raise typer.Exit(66)
 
@@ -507,7 +537,8 @@ def evict(
         print(json.dumps([{"path": f.shown, **o.as_dict()} for f, o in rows], indent=1))
     else:
         for f, o in rows:
-            print(f"evicted  {_size(o.freed):>10}  {f.shown}" if o.evicted else f"skipped  {f.shown}: {o.reason}")
+            print(f"evicted  {_size(o.freed):>10}  {escape(f.shown)}" if o.evicted
+                  else f"skipped  {escape(f.shown)}: {escape(o.reason)}")
     why = "; ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     print(f"hsmfs: evicted {evicted} files, freed {_size(freed)}" + (f"; skipped {sum(skipped.values())}: {why}"
           if skipped else ""), file=sys.stderr)
@@ -548,7 +579,8 @@ def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     from hsmfs.sources.local import LocalSource
     from hsmfs.state import StateLog
 
-    source, table, log_ = LocalSource(st.source), tree.PathTable(st.path), StateLog(st.path, writable=True)
+    source, table = LocalSource(st.source, identity=st.source_id), tree.PathTable(st.path)
+    log_ = StateLog(st.path, writable=True)
     # after an unclean end a resident file may hide a user's fdatasync'd write: compare each first
     evictor = Evictor(source, table, log_, distrust=st.mounted)
     try:
@@ -600,14 +632,14 @@ def _pin(paths: list[str], pinned: bool) -> None:
             todo = []
             for f in files:
                 if tree.read_record(f.path) is None:
-                    print(f"skipped  {f.shown}: not from the source (made by a user)")
+                    print(f"skipped  {escape(f.shown)}: not from the source (made by a user)")
                     continue
                 key = key_at(f.path)
                 if log_.pinned(key) == pinned:
                     same += 1
                     continue
                 todo.append((key, OP_PIN if pinned else OP_UNPIN, 0))
-                print(f"{'pinned' if pinned else 'unpinned':<8} {f.shown}")
+                print(f"{'pinned' if pinned else 'unpinned':<8} {escape(f.shown)}")
             log_.record(todo, durable=True)  # the filler reads it before every eviction
             changed += len(todo)
         finally:
@@ -673,7 +705,7 @@ def prefetch(
         try:
             os.close(os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
         except OSError as e:
-            failed.append(f"{f.shown}: {e.strerror}")
+            failed.append(f"{escape(f.shown)}: {e.strerror}")
         if bar is not None:
             bar.advance(0, f.st.st_size)
 
@@ -694,11 +726,18 @@ def prefetch(
 
 
 @app.command()
-def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.")) -> None:
-    """Check kernel, store filesystem and privileges; say what is missing and how to fix it."""
+def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check."),
+           source: Optional[list[str]] = typer.Option(None, "--source", help="A source to check the path of "
+                                                      "(repeatable; the running mounts' sources are checked too).")
+           ) -> None:
+    """Check kernel, store filesystem and privileges; say what is missing and how to fix it.
+
+    Warns (without failing) when someone other than root can replace a source root.
+    """
     from hsmfs.doctor import format_checks, run_checks
 
-    checks = run_checks(store)
+    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records())]))
+    checks = run_checks(store, sources)
     print(format_checks(checks))
     if not all(c.ok for c in checks):
         raise typer.Exit(Unavailable.exit_code)
@@ -721,22 +760,34 @@ def install_units(
         print(f"hsmfs: {line}", file=sys.stderr)
 
 
+def _setup_logging() -> None:
+    """Warnings of the work done in this process (populate: vanished entries, submounts) on stderr, escaped."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("hsmfs: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def main() -> None:
     if os.path.basename(sys.argv[0]) == "mount.hsmfs" or os.path.basename(sys.argv[0]).startswith("mount.hsmfs."):
         from hsmfs.mounthelper import main as mount_helper  # /sbin/mount.hsmfs -> hsmfs
 
         sys.exit(mount_helper(sys.argv[1:]))
+    _setup_logging()
     try:
         app()
     except HsmfsError as e:
         if _debug:
             raise
-        print(f"hsmfs: error: {e}", file=sys.stderr)
+        # a message may have several lines of its own (a policy file's mistakes); each is escaped,
+        # and every name a user chose was escaped where the message was made
+        print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:
         if _debug:
             raise
-        print(f"hsmfs: error: {e}", file=sys.stderr)
+        print(f"hsmfs: error: {escape(str(e))}", file=sys.stderr)
         sys.exit(71)  # EX_OSERR
     except KeyboardInterrupt:
         print("hsmfs: interrupted", file=sys.stderr)

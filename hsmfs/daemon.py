@@ -32,14 +32,16 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
 from hsmfs.state import StateLog
+from hsmfs.trust import open_source_root
 from hsmfs.views import (
     attach,
     detach,
     find_namespace,
     marked_mount,
     ns_inode,
+    open_target,
     other_mounts,
-    source_restrictions,
+    view_restrictions,
 )
 
 log = logging.getLogger("hsmfs.daemon")
@@ -146,14 +148,26 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     With a space budget the view is strictatime: the budget's recency is the inodes' atime.
     Shared by the supervisor and the systemd service (hsmfs.systemd).
     """
-    begin_session(store)
-    log_ = StateLog(store.path)
+    src = open_source_root(store)  # the directory the store was built from, not whatever is there now
     try:
-        stubs, settled = mark_tree(group, store.tree, log_)
+        restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
     finally:
-        log_.close()
-    mnt_id = attach(group, store.tree, target, VIEW_MASK, nsfd=nsfd, restrict=source_restrictions(store.source),
-                    strictatime=policy.max_resident_bytes > 0)
+        os.close(src)
+    # the target's directory itself, before anything changes: a symlink put on its path since
+    # hsmfs mount checked it is refused, never followed (views.open_target)
+    tfd = open_target(target) if nsfd is None else None
+    try:
+        begin_session(store)
+        log_ = StateLog(store.path)
+        try:
+            stubs, settled = mark_tree(group, store.tree, log_)
+        finally:
+            log_.close()
+        mnt_id = attach(group, store.tree, target, VIEW_MASK, nsfd=nsfd, target_fd=tfd, restrict=restrict,
+                        strictatime=policy.max_resident_bytes > 0)
+    finally:
+        if tfd is not None:
+            os.close(tfd)
     where = f"{target} in namespace {namespace}" if namespace else target
     log.info("view of %s live at %s (mount id %d; %d stubs marked, %d files settled)", store.source,
              where, mnt_id, stubs, settled)

@@ -19,11 +19,14 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
+from hsmfs import trust
 from hsmfs.linux import caps, fanotify
 from hsmfs.linux import fs as linux_fs
 from hsmfs.linux import mount as linux_mount
+from hsmfs.names import escape
 
 MIN_KERNEL = (6, 14)
 MIN_PYTHON = (3, 9)
@@ -42,16 +45,22 @@ _KERNEL_FIX = "boot Linux 6.14 or later with CONFIG_FANOTIFY=y and CONFIG_FANOTI
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one check. ``fix`` says what to do; it is empty when ``ok``."""
+    """The outcome of one check. ``fix`` says what to do; it is empty when ``ok`` and not ``warning``.
+
+    A warning (``ok`` and ``warning``) is something hsmfs works with but an admin should know: it
+    does not change the doctor's exit status.
+    """
 
     name: str
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False
 
 
-def run_checks(store_dir: str) -> list[Check]:
-    """Run every check for a store at store_dir (which need not exist yet), in a fixed order."""
+def run_checks(store_dir: str, sources: Sequence[str] = ()) -> list[Check]:
+    """Run every check for a store at store_dir (which need not exist yet), in a fixed order; one
+    "source path" check per source given."""
     store = os.path.abspath(os.fspath(store_dir))
     probe_dir = _nearest_dir(store)
     steps: list[tuple[str, Callable[[], Check]]] = [
@@ -61,19 +70,22 @@ def run_checks(store_dir: str) -> list[Check]:
         ("store fs", lambda: check_store_fs(store)),
         ("mount API", lambda: check_mount_api(probe_dir)),
         ("store privacy", lambda: check_store_privacy(store)),
+        ("store path", lambda: check_store_path(store)),
         ("fanotify limits", check_fanotify_limits),
         ("python", check_python),
     ]
+    steps += [("source path", partial(check_source_path, os.path.abspath(src))) for src in sources]
     return [_guarded(name, step) for name, step in steps]
 
 
 def format_checks(checks: Sequence[Check]) -> str:
-    """Aligned lines, one per check; a failed check is followed by an indented ``fix:`` line."""
+    """Aligned lines, one per check; a failed check or a warning is followed by an indented ``fix:`` line."""
     width = max((len(c.name) for c in checks), default=0) + 2
     lines = []
     for c in checks:
-        lines.append(f"{'ok' if c.ok else 'FAIL':<6}{c.name:<{width}}{c.detail}".rstrip())
-        if not c.ok and c.fix:
+        label = "FAIL" if not c.ok else "WARN" if c.warning else "ok"
+        lines.append(f"{label:<6}{c.name:<{width}}{c.detail}".rstrip())
+        if (not c.ok or c.warning) and c.fix:
             lines.append(f"{'':<{6 + width}}fix: {c.fix}")
     return "\n".join(lines)
 
@@ -234,6 +246,41 @@ def check_store_privacy(store_dir: str) -> Check:
     return Check("store privacy", False,
                  f"{store} is reachable by non-root users (mode {st.st_mode & 0o7777:04o}, "
                  "and every directory above it is searchable by others)", fix)
+
+
+def check_store_path(store_dir: str) -> Check:
+    """Only root can change the store and every directory above it (hsmfs mount refuses it otherwise).
+
+    Whoever could rename one of them could put a store of their own making in its place, whose
+    records name which source file each stub is filled from (docs/security.md).
+    """
+    store = os.path.abspath(store_dir)
+    _real, weak = trust.weaknesses(store)
+    if not weak:
+        return Check("store path", True, f"only root can change {escape(store)} and the directories above it")
+    return Check("store path", False, f"{escape(store)}: others can change what it is: "
+                 + "; ".join(map(str, weak)) + " (hsmfs mount refuses such a store)",
+                 "put the store where only root can change it (the default /var/lib/hsmfs is), or make "
+                 "those directories root's: chown root:root DIR && chmod go-w DIR")
+
+
+def check_source_path(source: str) -> Check:
+    """A warning when someone other than root can change a directory above a source, or a symlink
+    on the way to it: they can put another directory in the source root's place.
+
+    hsmfs refuses to mount or serve a source root that is not the directory its store was built
+    from (exit 66; docs/security.md), so this is a warning: such a user can stop the mount, not
+    redirect it. The source directory itself may well be writable by its users.
+    """
+    src = os.path.abspath(source)
+    _real, weak = trust.weaknesses(src, itself=False)
+    if not weak:
+        return Check("source path", True, f"only root can replace {escape(src)}")
+    return Check("source path", True, f"{escape(src)}: others can replace it: " + "; ".join(map(str, weak))
+                 + " (a replaced source root is refused, exit 66)",
+                 "keep sources in directories only root can change, or make those directories root's: "
+                 "chown root:root DIR && chmod go-w DIR (chmod +t keeps others' names in a shared one)",
+                 warning=True)
 
 
 def check_fanotify_limits(sysctl_dir: str = FANOTIFY_SYSCTL_DIR) -> Check:

@@ -17,6 +17,7 @@ from typing import Optional
 from hsmfs import tree
 from hsmfs.control import RuntimeRecord, runtime_records
 from hsmfs.errors import SourceMissing
+from hsmfs.names import escape
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def _real(path: str) -> str:
 def locate(path: str, records: Optional[list[RuntimeRecord]] = None) -> Place:
     """Which store (and running mount) path belongs to; SourceMissing (66) if none or missing."""
     if not os.path.lexists(path):
-        raise SourceMissing(f"{path} does not exist")
+        raise SourceMissing(f"{escape(path)} does not exist")
     recs = [rt for rt in (runtime_records() if records is None else records) if rt.alive()]
     real = _real(path)
     for rt in recs:
@@ -59,7 +60,7 @@ def locate(path: str, records: Optional[list[RuntimeRecord]] = None) -> Place:
             running = next((rt for rt in recs if os.path.realpath(rt.store) == parent), None)
             return Place(parent, real, running)
         d = parent
-    raise SourceMissing(f"{path} is not in an hsmfs view or store",
+    raise SourceMissing(f"{escape(path)} is not in an hsmfs view or store",
                         hint="give paths under a running view ('hsmfs status' lists them) or under STORE/tree")
 
 

@@ -35,6 +35,7 @@ from typing import Optional
 from hsmfs import sdnotify
 from hsmfs.cli import mount, prepare_mount
 from hsmfs.errors import ConfigError, HsmfsError, NotPermitted, UsageError
+from hsmfs.names import EscapingFormatter
 from hsmfs.process import JournalFormatter, journal_stderr
 from hsmfs.systemd import Params, service_name, write_params
 from hsmfs.views import is_mountpoint
@@ -127,7 +128,7 @@ def parse_args(argv: list[str]) -> Invocation:
 def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter("%(name)s: %(message)s") if journal_stderr()
-                         else logging.Formatter("%(name)s: %(message)s"))
+                         else EscapingFormatter("%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

@@ -13,6 +13,8 @@ The file holds flat top-level keys only (docs/config.md documents each one)::
     fill_ahead = true
     fill_ahead_max_size = "1M"
     fill_ahead_bytes = "64M"
+    allow_suid = false
+    allow_devices = false
 
 Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
 saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
@@ -169,6 +171,8 @@ _CHECKS: dict[str, Callable[[object], Any]] = {
     "fill_ahead": _check_bool,
     "fill_ahead_max_size": _check_size,
     "fill_ahead_bytes": _check_size,
+    "allow_suid": _check_bool,
+    "allow_devices": _check_bool,
 }
 
 
@@ -191,6 +195,8 @@ class Policy:
     fill_ahead: bool = True
     fill_ahead_max_size: int = 1 << 20
     fill_ahead_bytes: int = 64 << 20
+    allow_suid: bool = False
+    allow_devices: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

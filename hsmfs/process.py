@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from hsmfs.names import EscapingFormatter
+
 
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -14,7 +16,7 @@ def setup_logging(level: str) -> None:
         # the journal stamps time, pid and unit itself; <N> sets each line's priority
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
@@ -56,7 +58,7 @@ def journal_priority(levelno: int) -> int:
     return 7
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(EscapingFormatter):
     """Prefixes every line with ``<N>``: journald makes one entry per line, tracebacks included."""
 
     def format(self, record: logging.LogRecord) -> str:

@@ -198,7 +198,11 @@ def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
     A crash leaves either the old file or the new one, never a torn or empty one.
     """
     tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.unlink(tmp)  # a leftover of a crash: never written through (O_EXCL, O_NOFOLLOW)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         view = memoryview(data)
         while view:
@@ -221,10 +225,14 @@ def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
 class Store:
     """STORE/hsmfs.json: which source this store mirrors and how far populate got.
 
-    Keys: ``v`` (schema: 2; 1 was hsmfs 0.1's, whose stubs :func:`upgrade` rewrites), ``name``,
-    ``source`` (absolute path), ``populated`` (true once every entry of the source has a stub),
-    ``mounted`` (true while a session serves the tree; still true at the next start means the last
-    session ended uncleanly).
+    Keys: ``v`` (schema: 2; 1 was hsmfs 0.1's, whose stubs :func:`hsmfs.state.upgrade` rewrites),
+    ``name``, ``source`` (absolute path), ``populated`` (true once every entry of the source has a
+    stub), ``mounted`` (true while a session serves the tree; still true at the next start means the
+    last session ended uncleanly), ``source_dev``, ``source_ino``, ``source_fsid`` (which directory
+    the source root was when the store was made: st_dev, st_ino, f_fsid; a mount of another
+    directory is refused, hsmfs.trust; absent in stores made before).
+
+    Its files are opened with O_NOFOLLOW, and hsmfs.json must be a regular file owned by root.
     """
 
     path: str
@@ -233,6 +241,7 @@ class Store:
     populated: bool = False
     mounted: bool = False
     schema: int = SCHEMA
+    source_id: Optional[tuple[int, int, int]] = None
 
     @property
     def tree(self) -> str:
@@ -249,20 +258,29 @@ class Store:
             fd = os.open(meta, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        try:
-            with os.fdopen(fd, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+                raise RecordError(f"{meta} is not a regular file owned by root",
+                                  hint="someone else made or replaced it: check the store, or remove it and mount "
+                                  "again")
+            try:
                 d = json.load(f)
-            if d.get("v") not in (1, SCHEMA):
-                raise RecordError(f"{meta}: schema {d.get('v')!r}; this hsmfs reads schema 1 and {SCHEMA}",
-                                  hint="use the hsmfs version that made this store")
-            return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
-                       mounted=bool(d.get("mounted", False)), schema=int(d["v"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RecordError(f"{meta} is damaged: {e}",
-                              hint="restore it from a backup, or remove the store and mount again") from None
+                if d.get("v") not in (1, SCHEMA):
+                    raise RecordError(f"{meta}: schema {d.get('v')!r}; this hsmfs reads schema 1 and {SCHEMA}",
+                                      hint="use the hsmfs version that made this store")
+                ident = (d.get("source_dev"), d.get("source_ino"), d.get("source_fsid"))
+                return cls(path=path, name=str(d["name"]), source=str(d["source"]), populated=bool(d["populated"]),
+                           mounted=bool(d.get("mounted", False)), schema=int(d["v"]),
+                           source_id=(int(ident[0]), int(ident[1]), int(ident[2])) if None not in ident else None)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise RecordError(f"{meta} is damaged: {e}",
+                                  hint="restore it from a backup, or remove the store and mount again") from None
 
     def save(self) -> None:
         """Replace hsmfs.json atomically and durably."""
-        atomic_write(self.meta, json.dumps({"v": self.schema, "name": self.name, "source": self.source,
-                                            "populated": self.populated, "mounted": self.mounted},
-                                           indent=1).encode())
+        d: dict[str, object] = {"v": self.schema, "name": self.name, "source": self.source,
+                                "populated": self.populated, "mounted": self.mounted}
+        if self.source_id is not None:
+            d["source_dev"], d["source_ino"], d["source_fsid"] = self.source_id
+        atomic_write(self.meta, json.dumps(d, indent=1).encode())

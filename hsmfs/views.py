@@ -9,21 +9,24 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-from hsmfs.errors import NotPermitted, UsageError
+from hsmfs.errors import CannotCreate, NotPermitted, UsageError
 from hsmfs.linux import fanotify as fan
+from hsmfs.linux.fs import RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 from hsmfs.linux.mount import (
+    AT_FDCWD,
     MOUNT_ATTR__ATIME,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOEXEC,
     MOUNT_ATTR_NOSUID,
     MOUNT_ATTR_STRICTATIME,
     mount_setattr,
-    move_mount,
+    move_mount_to_fd,
     open_tree_clone,
     setns,
     umount,
 )
 from hsmfs.linux.ns import is_mount_ns, mount_ns_of_pid, owner_userns_inode
+from hsmfs.names import escape
 
 
 @dataclass(frozen=True)
@@ -94,22 +97,51 @@ def mount_id(fd: int) -> int:
     raise OSError(f"no mnt_id in fdinfo of fd {fd}")
 
 
-def source_restrictions(source: str) -> int:
-    """MOUNT_ATTR_NOSUID/NODEV/NOEXEC for each of nosuid, nodev, noexec the source's mount has.
+def view_restrictions(source_fd: int, *, allow_suid: bool = False, allow_devices: bool = False) -> int:
+    """The MOUNT_ATTR_NOSUID/NODEV/NOEXEC a view of the source (its root's fd) gets.
 
-    A view is a clone of the store's mount: without these, a setuid binary or a device node from a
-    nosuid/nodev source would work through the view and hand its powers to any user.
+    A view is a clone of the store's mount, and populate made every setuid file and device node of
+    the source there as root. nosuid and nodev unless the policy allows them (allow_suid,
+    allow_devices), and in any case each of nosuid, nodev, noexec that the source's mount has:
+    without these a setuid binary or a device node from a nosuid/nodev source would work through
+    the view and hand its powers to any user. Populate does not cross the source's mount points,
+    so the source root's mount is the only one whose files a view shows.
     """
-    flags = os.statvfs(source).f_flag
-    return ((MOUNT_ATTR_NOSUID if flags & os.ST_NOSUID else 0) | (MOUNT_ATTR_NODEV if flags & os.ST_NODEV else 0)
+    flags = os.fstatvfs(source_fd).f_flag
+    return ((MOUNT_ATTR_NOSUID if flags & os.ST_NOSUID or not allow_suid else 0)
+            | (MOUNT_ATTR_NODEV if flags & os.ST_NODEV or not allow_devices else 0)
             | (MOUNT_ATTR_NOEXEC if flags & os.ST_NOEXEC else 0))
 
 
-def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
-           restrict: int = 0, strictatime: bool = False) -> int:
-    """Clone tree's mount, mark the clone, then move it to target; return the view's mount id.
+_TARGET_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+_TARGET_RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
-    With nsfd, the move happens in that mount namespace (:func:`in_namespace`).
+
+def open_target(target: str) -> int:
+    """An O_PATH fd of the directory target, reached from / without following any symlink.
+
+    hsmfs mount resolved the target (symlinks only if root's, hsmfs.trust) and checked it. A user
+    who can write to a directory on its path could since have put a symlink there (to /etc/cron.d,
+    say): the view is attached onto this fd, so it lands on the directory found here or nowhere.
+    """
+    try:
+        return openat2(AT_FDCWD, target, _TARGET_FLAGS, _TARGET_RESOLVE)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EXDEV):
+            raise CannotCreate(f"target {escape(target)} is no longer the directory hsmfs mount checked: "
+                               f"{e.strerror} on its path (someone replaced it, or a directory above it, by a "
+                               "symlink?)", hint="give the target's real path, in a directory users cannot "
+                               "write to") from None
+        raise
+
+
+def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int] = None,
+           target_fd: Optional[int] = None, restrict: int = 0, strictatime: bool = False) -> int:
+    """Clone tree's mount, mark the clone, then move it onto target; return the view's mount id.
+
+    The move is onto an fd of target (target_fd, else :func:`open_target`), never onto a path
+    looked up anew. With nsfd it happens in that mount namespace (:func:`in_namespace`), onto the
+    target opened there the same way.
     """
     mfd = open_tree_clone(tree)
     try:
@@ -119,13 +151,33 @@ def attach(group: int, tree: str, target: str, mask: int, *, nsfd: Optional[int]
             mount_setattr(mfd, MOUNT_ATTR_STRICTATIME, MOUNT_ATTR__ATIME)
         fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT, mask, mfd, ".")
         mnt = mount_id(mfd)
-        if nsfd is None:
-            move_mount(mfd, target)
-        else:
-            in_namespace(nsfd, lambda: move_mount(mfd, target))
+        if nsfd is not None:
+            try:
+                in_namespace(nsfd, lambda: _move_onto(mfd, target))
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EXDEV):
+                    raise CannotCreate(f"target {escape(target)} in that mount namespace: {e.strerror} on its path",
+                                       hint="give the target's real path in that namespace") from None
+                raise
+            return mnt
+        tfd = open_target(target) if target_fd is None else target_fd
+        try:
+            move_mount_to_fd(mfd, tfd)
+        finally:
+            if target_fd is None:
+                os.close(tfd)
         return mnt
     finally:
         os.close(mfd)
+
+
+def _move_onto(mfd: int, target: str) -> None:
+    """In the namespace helper: only system calls, OSError on failure."""
+    tfd = openat2(AT_FDCWD, target, _TARGET_FLAGS, _TARGET_RESOLVE)
+    try:
+        move_mount_to_fd(mfd, tfd)
+    finally:
+        os.close(tfd)
 
 
 def in_namespace(nsfd: int, action: Callable[[], None]) -> None:
@@ -166,17 +218,43 @@ def detach(target: str, *, lazy: bool = False, ns: Optional[int] = None) -> None
     There, umount2 runs in a forked child that joined the namespace (:func:`in_namespace`): never
     a program of that namespace, whose binaries its owner may have replaced. A namespace with no
     process left took its mounts, the view among them, with it: nothing to do.
+
+    The target's directory is reached without following a symlink (:func:`_umount_at`): a user who
+    can write to a directory above the view could otherwise point its path at another mount (one
+    that hides what is below it, say) and have root unmount that.
     """
     if ns is None or ns == ns_inode():
-        umount(target, lazy=lazy)
+        _umount_at(target, lazy=lazy, here=True)
         return
     nsfd = find_namespace(ns)
     if nsfd is None:
         return
     try:
-        in_namespace(nsfd, lambda: umount(target, lazy=lazy))
+        in_namespace(nsfd, lambda: _umount_at(target, lazy=lazy, here=False))
     finally:
         os.close(nsfd)
+
+
+def _umount_at(target: str, *, lazy: bool, here: bool) -> None:
+    """umount2 of the last name of target in its parent directory, opened without following any
+    symlink (ELOOP if there is one); the last name is never followed either (UMOUNT_NOFOLLOW).
+
+    here: name the parent through /proc/self/fd (this process may have threads); otherwise (the
+    single-threaded namespace helper, whose /proc may be another pid namespace's) fchdir to it.
+    """
+    head, name = os.path.split(os.path.normpath(target))
+    if not name:
+        umount(target, lazy=lazy)
+        return
+    pfd = openat2(AT_FDCWD, head, os.O_PATH | os.O_DIRECTORY, _TARGET_RESOLVE)
+    try:
+        if here:
+            umount(f"/proc/self/fd/{pfd}/{name}", lazy=lazy)
+        else:
+            os.fchdir(pfd)
+            umount(name, lazy=lazy)
+    finally:
+        os.close(pfd)
 
 
 def _unescape(field: str) -> str:
@@ -265,9 +343,13 @@ class OtherMount:
     point: str  # in the namespace of pid
     pid: int  # a process that shows its mount namespace
     here: bool  # in the caller's own mount namespace
+    # in a mount namespace that another user namespace owns (unshare -Urm, a rootless container):
+    # its owner, any user, made it and can keep it forever; it does not block hsmfs umount
+    foreign: bool = False
 
     def __str__(self) -> str:
-        where = "" if self.here else f" in the mount namespace of pid {self.pid}"
+        owner = " (owned by another user namespace)" if self.foreign else ""
+        where = "" if self.here else f" in the mount namespace of pid {self.pid}{owner}"
         if self.kind == "overlay":
             return f"under an overlay at {self.point}{where}"
         if self.here:
@@ -294,11 +376,14 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
     here = ns_inode()
     view_ns = here if view_ns is None else view_ns
     tables: dict[int, tuple[int, list[MountEntry]]] = {here: (os.getpid(), read_mountinfo())}
+    foreign: set[int] = set()
     for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             ns = ns_inode(f"/proc/{pid}/ns/mnt")
             if ns not in tables:
                 tables[ns] = (pid, read_mountinfo(f"/proc/{pid}/mountinfo"))
+                if _foreign(pid, ns):
+                    foreign.add(ns)
         except (OSError, ValueError):  # gone, a kernel thread, or a line we cannot parse
             continue
     real = os.path.realpath(tree)
@@ -317,7 +402,7 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
         for m in table:
             if reaches(m) and m.mnt_id != view_id and (ns, m.mnt_id) not in gone_with_view:
                 found[ns, m.mnt_id] = OtherMount("bind mount" if ns == here else "namespace copy", m.point,
-                                                 pid, ns == here)
+                                                 pid, ns == here, ns in foreign)
         grown = True
         while grown:  # an overlay over an overlay of the tree reaches it too
             grown = False
@@ -328,10 +413,29 @@ def other_mounts(tree: str, target: str, *, view_ns: Optional[int] = None,
                     under = _containing(table, layer)
                     if (ns == view_ns and _beneath(layer, target)) or (under is not None and (
                             (ns, under.mnt_id) in found or reaches(under, os.path.relpath(layer, under.point)))):
-                        found[ns, m.mnt_id] = OtherMount("overlay", m.point, pid, ns == here)
+                        found[ns, m.mnt_id] = OtherMount("overlay", m.point, pid, ns == here, ns in foreign)
                         grown = True
                         break
     return list(found.values())
+
+
+def _foreign(pid: int, ns: int) -> bool:
+    """Whether the mount namespace ns (that of pid) is owned by another user namespace than ours.
+
+    Checked on the opened namespace file: a pid reused meanwhile gives another inode, and then,
+    as on any error, the answer is False (the mount keeps blocking: never give the group up on a
+    guess).
+    """
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.fstat(fd).st_ino == ns and owner_userns_inode(fd) != os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _propagation_copies(view: MountEntry, tables: dict[int, tuple[int, list[MountEntry]]]) -> set[tuple[int, int]]:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -173,3 +174,66 @@ def make_view(loopfs: LoopFS) -> Iterator[Callable[..., View]]:
     yield make
     for v in views:
         v.close()
+
+
+@pytest.fixture
+def views(loopfs: LoopFS, make_view: Callable[..., View]) -> Iterator[Callable[..., View]]:
+    """make_view, with the loop filesystems' base directory traversable by nobody meanwhile.
+
+    Views and sources live below it (mkdtemp, 0700). At teardown the views are closed and the
+    in-flight journals the fillers leave in /run/hsmfs removed.
+    """
+    made: list[View] = []
+    mode = stat.S_IMODE(os.stat(loopfs.base).st_mode)
+    os.chmod(loopfs.base, 0o711)
+
+    def make(source: str, *extra: str, mount: bool = True) -> View:
+        v = make_view(source, *extra, mount=mount)
+        made.append(v)
+        return v
+
+    try:
+        yield make
+    finally:
+        os.chmod(loopfs.base, mode)
+        for v in made:
+            v.close()  # make_view closes them again, harmlessly
+            try:
+                os.unlink(os.path.join("/run/hsmfs", v.name + ".journal"))
+            except FileNotFoundError:
+                pass
+
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+def _child(work: Callable[[], None]) -> int:
+    """A forked child that runs work() as uid 65534 until killed; its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _drop_to_nobody()
+            work()
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[[Callable[[], None]], int]]:
+    """start(work) -> pid of a child running work() as nobody; all killed and reaped at teardown."""
+    pids: list[int] = []
+
+    def start(work: Callable[[], None]) -> int:
+        pid = _child(work)
+        pids.append(pid)
+        return pid
+
+    yield start
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -18,7 +18,7 @@ from hsmfs.doctor import Check, format_checks, run_checks
 from hsmfs.linux import caps
 from hsmfs.linux import fs as linux_fs
 
-NAMES = ["kernel", "privileges", "fanotify", "store fs", "mount API", "store privacy", "fanotify limits",
+NAMES = ["kernel", "privileges", "fanotify", "store fs", "mount API", "store privacy", "store path", "fanotify limits",
          "python"]
 NOBODY = 65534
 

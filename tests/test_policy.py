@@ -23,8 +23,8 @@ else:
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "config.md"
 EXAMPLE = ROOT / "contrib" / "hsmfs.toml"
-KNOWN = ("(known: commit_interval, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, fill_timeout, high_watermark, "
-         "log_level, low_watermark, max_resident_bytes, source_error, workers)")
+KNOWN = ("(known: allow_devices, allow_suid, commit_interval, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, "
+         "fill_timeout, high_watermark, log_level, low_watermark, max_resident_bytes, source_error, workers)")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -212,6 +212,14 @@ def test_unknown_table(tmp_path: Path) -> None:
 def test_unknown_dotted_key(tmp_path: Path) -> None:
     path = write(tmp_path, "\nfiller.workers = 8\n")
     assert error_of(path) == f"{path}:2: filler: unknown key {KNOWN}"
+
+
+def test_allow_keys_take_booleans_only(tmp_path: Path) -> None:
+    assert load_policy(str(write(tmp_path, "allow_suid = true\nallow_devices = false\n"))) == \
+        Policy(allow_suid=True)
+    path = write(tmp_path, 'allow_suid = 1\nallow_devices = "yes"\n')
+    assert error_of(path).splitlines() == [f"{path}:1: allow_suid: expected true or false, got 1",
+                                           f'{path}:2: allow_devices: expected true or false, got "yes"']
 
 
 def test_known_keys_in_message_are_the_policy_fields() -> None:

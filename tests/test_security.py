@@ -20,10 +20,9 @@ import socket
 import stat
 import subprocess
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
-import pytest
 from conftest import LoopFS, View, hsmfs
 
 from hsmfs.linux.fs import fs_type
@@ -153,34 +152,6 @@ def file_state(path: str) -> dict[str, Any]:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def views(loopfs: LoopFS, make_view: Callable[..., View]) -> Iterator[Callable[..., View]]:
-    """make_view, with the loop filesystems' base directory traversable by nobody meanwhile.
-
-    Views and sources live below it (mkdtemp, 0700). At teardown the views are closed and the
-    in-flight journals the fillers leave in /run/hsmfs removed.
-    """
-    made: list[View] = []
-    mode = stat.S_IMODE(os.stat(loopfs.base).st_mode)
-    os.chmod(loopfs.base, 0o711)
-
-    def make(source: str, *extra: str, mount: bool = True) -> View:
-        v = make_view(source, *extra, mount=mount)
-        made.append(v)
-        return v
-
-    try:
-        yield make
-    finally:
-        os.chmod(loopfs.base, mode)
-        for v in made:
-            v.close()  # make_view closes them again, harmlessly
-            try:
-                os.unlink(os.path.join(RUN_DIR, v.name + ".journal"))
-            except FileNotFoundError:
-                pass
 
 
 def make_source(loopfs: LoopFS) -> str:

@@ -226,12 +226,21 @@ def test_journal_prefixes_only_when_stderr_is_the_journal_stream() -> None:
         setup_logging("debug")
         log = logging.getLogger("hsmfs.x")
         log.debug("d"); log.info("i"); log.warning("w"); log.error("two\\nlines"); log.critical("c")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
         """)
     out = subprocess.run([sys.executable, "-c", code, "journal"], capture_output=True, text=True, check=True).stderr
-    assert out.splitlines() == ["<7>hsmfs.x: d", "<6>hsmfs.x: i", "<4>hsmfs.x: w", "<3>hsmfs.x: two", "<3>lines",
-                                "<2>hsmfs.x: c"]
+    lines = out.splitlines()
+    # a message is one entry: a newline in it (a file name's, say) is escaped, never a forged entry
+    # of that priority (issue 11, item 10); a traceback keeps one entry per line, each prefixed
+    assert lines[:6] == ["<7>hsmfs.x: d", "<6>hsmfs.x: i", "<4>hsmfs.x: w", "<3>hsmfs.x: two\\nlines",
+                         "<2>hsmfs.x: c", "<3>hsmfs.x: failed"]
+    assert lines[6] == "<3>Traceback (most recent call last):" and lines[-1] == "<3>ValueError: boom", lines
     out = subprocess.run([sys.executable, "-c", code, "terminal"], capture_output=True, text=True, check=True).stderr
-    assert "<" not in out and " WARNING w" in out
+    assert not any(line[:1] == "<" and line[1:3].rstrip(">").isdigit() for line in out.splitlines()), out
+    assert " WARNING w" in out and " ERROR two\\nlines" in out
 
 
 def test_journal_formatter_prefixes_traceback_lines() -> None:

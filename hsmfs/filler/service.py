@@ -33,7 +33,7 @@ class Serving:
         self.ns = ns  # the inode of the view's mount namespace, None for ours
         self.view_ns = ns_inode() if ns is None else ns
         self.restarts = restarts
-        self.source = LocalSource(store.source)
+        self.source = LocalSource(store.source, identity=store.source_id)  # never a replaced root
         self.paths = tree.PathTable(store.path)
         self.log = state.StateLog(store.path, writable=True)
         self.root_fd = private_root(group, store.tree)
@@ -53,7 +53,11 @@ class Serving:
                     "other_mounts": [] if view is not None else self.other_mounts(None)}
         if op == "umount":
             lazy = bool(req.get("lazy"))
-            others = self.other_mounts(marked_mount(self.group))
+            found = other_mounts(self.tree, self.target, view_ns=self.view_ns, view_id=marked_mount(self.group))
+            others = [str(m) for m in found if not m.foreign]
+            # copies in namespaces another user namespace owns do not block: any user can make one
+            # and keep it forever; they are served until they are gone, as after --lazy
+            foreign = [str(m) for m in found if m.foreign]
             if others and not lazy:  # they would read stubs as holes once the group is gone
                 return {"ok": False, "errno": errno.EBUSY, "error": "other mounts of the tree exist",
                         "other_mounts": others}
@@ -62,7 +66,7 @@ class Serving:
             except OSError as e:
                 return {"ok": False, "errno": e.errno, "error": str(e)}
             # whoever holds the group sees the view go and stops us once no other mount is left
-            return {"ok": True, "other_mounts": others}
+            return {"ok": True, "other_mounts": others, "foreign_mounts": foreign}
         if op == "evict":
             keys = [state.make_key(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
             return {"ok": True, "results": [o.as_dict() for o in self.filler.evict(keys)]}

@@ -7,6 +7,8 @@ import errno
 import fcntl
 import os
 import struct
+import threading
+from typing import NamedTuple
 
 from hsmfs.linux import check, libc
 
@@ -78,29 +80,114 @@ def release_lease(fd: int) -> None:
     fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
 
 
+# statx(2): include/uapi/linux/stat.h (struct statx, STATX_*), include/uapi/linux/fcntl.h (AT_*)
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_NO_AUTOMOUNT = 0x800
+AT_EMPTY_PATH = 0x1000
+STATX_BASIC_STATS = 0x7FF
+STATX_MNT_ID = 0x1000
+STATX_ATTR_MOUNT_ROOT = 0x2000
+# mask blksize attributes nlink uid gid mode (pad) ino size blocks attributes_mask, then the atime,
+# btime, ctime and mtime timestamps (s64 sec, u32 nsec, pad), rdev, dev (major, minor each), mnt_id
+_STATX = struct.Struct("<IIQIIIH2xQQQQ" + "qI4x" * 4 + "IIIIQ")
+_STATX_SIZE = 256
+
+libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+
+class Statx(NamedTuple):
+    """What hsmfs reads of a statx(2) result: lstat's fields plus the mount the file is on."""
+
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int  # as os.stat's st_dev
+    rdev: int
+    mnt_id: int  # the mount the path led to: a mount point's is that of the mount on it
+    mount_root: bool  # the file is the root of a mount (STATX_ATTR_MOUNT_ROOT)
+
+
+_local = threading.local()
+
+
+def _buffer() -> ctypes.Array[ctypes.c_char]:
+    """This thread's statx buffer: allocating one per call cost a third of the call."""
+    try:
+        buf: ctypes.Array[ctypes.c_char] = _local.statx
+    except AttributeError:
+        buf = _local.statx = ctypes.create_string_buffer(_STATX_SIZE)
+    return buf
+
+
+def statx(dirfd: int, name: str, *, follow: bool = False) -> Statx:
+    """statx(dirfd, name) (name "" for dirfd itself); never follows a last symlink unless follow, never automounts."""
+    buf = _buffer()
+    raw = os.fsencode(name)
+    flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW) | (0 if raw else AT_EMPTY_PATH)
+    check(libc.statx(dirfd, raw, flags, STATX_BASIC_STATS | STATX_MNT_ID, buf), f"statx {name}")
+    (mask, _blksize, attributes, nlink, uid, gid, mode, ino, size, _blocks, attributes_mask,
+     a_s, a_ns, _b_s, _b_ns, c_s, c_ns, m_s, m_ns, r_maj, r_min, d_maj, d_min, mnt_id) = _STATX.unpack_from(buf)
+    if not mask & STATX_MNT_ID:  # Linux < 5.8: hsmfs needs 6.14 anyway
+        raise OSError(errno.ENOSYS, "statx: this kernel reports no mount id")
+    return Statx(mode, nlink, uid, gid, size, a_s * 10**9 + a_ns, m_s * 10**9 + m_ns, c_s * 10**9 + c_ns, ino,
+                 os.makedev(d_maj, d_min), os.makedev(r_maj, r_min), mnt_id,
+                 bool(attributes & attributes_mask & STATX_ATTR_MOUNT_ROOT))
+
+
 # openat2(2): x86_64 syscall 437; include/uapi/linux/openat2.h
 NR_openat2 = 437
+RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
+_PATH_CHUNK = 3072  # bytes of a path per openat2: PATH_MAX (4096) bounds one call, not a tree's depth
 
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def open_beneath(dirfd: int, path: str, flags: int) -> int:
-    """Open path relative to dirfd without leaving it and without following any symlink.
-
-    A source path can never escape the source root this way, whatever the tree's records say.
-    """
-    how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0,
-                   RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2) of path relative to dirfd (AT_FDCWD: -100) with O_CLOEXEC added."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
     return check(
         libc.syscall(NR_openat2, ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))),
         f"open {path}",
     )
+
+
+def open_beneath(dirfd: int, path: str, flags: int) -> int:
+    """Open path relative to dirfd without leaving it, without following any symlink and without
+    crossing a mount point.
+
+    A source path can never escape the source root this way, whatever the tree's records say, nor
+    reach into something mounted in the source after populate (which does not cross mount points).
+    A path longer than PATH_MAX is opened a few thousand bytes at a time, each part beneath the
+    directory the one before it opened.
+    """
+    resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+    raw = os.fsencode(path)
+    fd = dirfd
+    try:
+        while len(raw) > _PATH_CHUNK:
+            cut = raw.rfind(b"/", 0, _PATH_CHUNK)
+            if cut <= 0:
+                raise OSError(errno.ENAMETOOLONG, f"open {path}: {os.strerror(errno.ENAMETOOLONG)}")
+            part = openat2(fd, os.fsdecode(raw[:cut]), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve)
+            if fd != dirfd:
+                os.close(fd)
+            fd, raw = part, raw[cut + 1:]
+        return openat2(fd, os.fsdecode(raw), flags | os.O_NOFOLLOW, resolve)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
 
 
 # Shutting a filesystem down as a power cut would (crash tests, kernel-facts: promise 2).

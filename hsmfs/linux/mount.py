@@ -15,6 +15,7 @@ NR_move_mount = 429
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 
@@ -37,11 +38,12 @@ def open_tree_clone(path: str) -> int:
     )
 
 
-def move_mount(from_fd: int, to_path: str) -> None:
-    """Attach the detached mount from_fd at to_path (in the caller's mount namespace)."""
+def move_mount_to_fd(from_fd: int, to_fd: int) -> None:
+    """Attach the detached mount from_fd on the directory to_fd (an O_PATH fd) itself, wherever it is
+    now: no path is looked up, so nothing can redirect the mount between a check and the move."""
     check(
-        libc.syscall(NR_move_mount, ctypes.c_int(from_fd), ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
-                     ctypes.c_char_p(os.fsencode(to_path)), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+        libc.syscall(NR_move_mount, ctypes.c_int(from_fd), ctypes.c_char_p(b""), ctypes.c_int(to_fd),
+                     ctypes.c_char_p(b""), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)),
         "move_mount",
     )
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Optional
 
 from hsmfs.linux.fs import open_beneath
 from hsmfs.sources import SourceError
 from hsmfs.tree import Record
+from hsmfs.trust import same_source, source_identity
 
 CHUNK = 1 << 20
 _NO_COPY_FILE_RANGE = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -53,17 +55,29 @@ class LocalFile:
 
 
 class LocalSource:
-    """Reads objects beneath one directory, never following symlinks out of it."""
+    """Reads objects beneath one directory, never following symlinks out of it.
 
-    def __init__(self, root: str) -> None:
+    identity: (st_dev, st_ino, f_fsid) the root must have (the store's record, hsmfs.trust). A root
+    replaced since the store was built is never read from: every open fails (ESTALE), so each fill
+    fails with the policy's error and says why, and the filler still answers every reader.
+    """
+
+    def __init__(self, root: str, *, identity: Optional[tuple[int, int, int]] = None) -> None:
         self.root = os.path.abspath(root)
         self._rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._replaced = identity is not None and not same_source(identity, source_identity(self._rootfd))
+        if self._replaced:
+            os.close(self._rootfd)
+            self._rootfd = -1
         self._no_cfr: set[tuple[int, int]] = set()  # (source dev, store dev) pairs copy_file_range refuses
 
     def describe(self) -> str:
         return self.root
 
     def open(self, rel: str, rec: Record) -> LocalFile:
+        if self._replaced:
+            raise SourceError(f"the source root {self.root} is not the directory the store was built from "
+                              "(replaced?)", errno.ESTALE)
         try:
             pfd = open_beneath(self._rootfd, rel, os.O_PATH)
         except OSError as e:
@@ -121,7 +135,8 @@ class LocalSource:
             off += n
 
     def close(self) -> None:
-        os.close(self._rootfd)
+        if self._rootfd >= 0:
+            os.close(self._rootfd)
 
 
 def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
