@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -104,10 +104,12 @@ class View:
         self.store = os.path.join(fs.mnt, "store-" + name)
         self.target = tempfile.mkdtemp(prefix="view-", dir=fs.base)
         self.extra = extra
+        self.env: Optional[dict[str, str]] = None  # for hsmfs mount (and so the supervisor and filler)
         self.mounted = False
 
     def mount(self) -> subprocess.CompletedProcess[str]:
-        r = hsmfs("mount", "--name", self.name, "--store", self.store, *self.extra, self.source, self.target)
+        r = hsmfs("mount", "--name", self.name, "--store", self.store, *self.extra, self.source, self.target,
+                  **({"env": self.env} if self.env is not None else {}))
         self.mounted = True
         return r
 

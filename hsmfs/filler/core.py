@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from hsmfs import state, tree
+from hsmfs.filler import faults
 from hsmfs.filler.evict import IN_USE, Evictor, Outcome
 from hsmfs.filler.fill import Filled, fill
 from hsmfs.filler.marks import Marks
@@ -423,6 +424,7 @@ class Filler:
             else:
                 assert rec is not None
                 done = self._fill_making_room(job.fd, rec)
+                faults.pause("fill")
                 self.marks.filled(job.fd)
                 # wait for the commit with a read-only fd: a file open for writing cannot be executed
                 # (ETXTBSY), and a filled file's next exec no longer has the pre-content mark that
@@ -567,6 +569,7 @@ class Filler:
         """Data durable, then the state log, then the marks go: a crash anywhere costs a refetch at most."""
         try:
             syncfs(self.root_fd)
+            faults.pause("commit")
             self.log.record([(p.key, state.OP_DIRTY if p.users else state.OP_RESIDENT, p.ctime_ns) for p in batch],
                             durable=True)
         except OSError as e:
@@ -577,6 +580,7 @@ class Filler:
                 os.close(p.fd)
             return
         filled = 0
+        faults.pause("commit")
         for p in batch:
             try:
                 self.marks.settle(p.fd)

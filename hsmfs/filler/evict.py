@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from hsmfs import state, tree
+from hsmfs.filler import faults
 from hsmfs.filler.fill import punch
 from hsmfs.linux.fs import release_lease, take_write_lease
 from hsmfs.sources import Source, SourceError, SourceFile
@@ -154,6 +155,7 @@ class Evictor:
             # before any data goes: a crash from here on leaves stubs, never resident files with holes
             self.log.record([(c.key, state.OP_STUB, 0) for c in ready], durable=True)
             for c in ready:
+                faults.pause("evict")
                 done.append((c, self._punch(c)))
         except BaseException:
             for c in ready:
@@ -192,6 +194,7 @@ class Evictor:
         size = c.st.st_size
         try:
             punch(c.fd, 0, size, size)
+            faults.pause("evict")
             # whatever a filesystem kept must still be the source's bytes, or a refill takes it for a user's
             for start, end in data_regions(c.fd, size):
                 c.src.copy_to(c.fd, start, end)
