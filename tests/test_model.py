@@ -31,6 +31,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ FAULTS = "evict=0.03,commit=0.03,fill=0.005"
 @dataclass
 class Inode:
     data: bytearray
+    writable: bool = False  # the driver changes only these: the others stay clean, for evictions
     changed: bool = False  # by a user: must be dirty, never resident
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,9 +81,10 @@ class Run:
         self.f = Figures()
         self.lock = threading.Lock()  # the name table
         self.inodes: dict[str, Inode] = {}  # path -> inode (hard links share one)
-        for rel, data in src.items():
-            self.inodes[rel] = Inode(bytearray(data))
+        for i, (rel, data) in enumerate(sorted(src.items())):
+            self.inodes[rel] = Inode(bytearray(data), writable=i % 3 == 0)
         self.stop = threading.Event()
+        self.crashed: list[str] = []  # exceptions of background threads: the run is void then
         self.mounted = threading.Event()
         self.mounted.set()
         self.remount_lock = Shared()  # every file operation holds it shared; remount() alone
@@ -125,6 +128,9 @@ class Run:
         path = self.v.path(rel)
         kind = rnd.choice(("whole", "whole", "past_eof", "range", "mmap"))
         with ino.lock:
+            with self.lock:
+                if self.inodes.get(rel) is not ino:
+                    return  # renamed meanwhile
             want = bytes(ino.data)
             t0 = time.monotonic()
             try:
@@ -163,6 +169,9 @@ class Run:
         path = self.v.path(rel)
         kind = rnd.choice(("write", "mmap_write", "append", "truncate", "punch", "otrunc", "copy_range", "touch_back"))
         with ino.lock:
+            with self.lock:
+                if self.inodes.get(rel) is not ino:
+                    return
             d = ino.data
             size = len(d)
             if kind == "write":
@@ -305,6 +314,13 @@ class Run:
             self.f.ops[what] += 1
 
     # -- background ----------------------------------------------------------------------------
+    def guarded(self, target: Callable[[int], None], seed: int) -> None:
+        try:
+            target(seed)
+        except BaseException:
+            self.crashed.append(f"{target.__name__}: {traceback.format_exc()}")
+            self.stop.set()
+
     def reader(self, seed: int) -> None:
         rnd = random.Random(seed)
         while not self.stop.is_set():
@@ -321,7 +337,10 @@ class Run:
                     rels = rnd.sample(sorted(self.inodes), min(8, len(self.inodes)))
                 handles = []
                 for rel in rels:
-                    htype, h = state.split_key(state.key_at(self.v.path(rel)))
+                    try:
+                        htype, h = state.split_key(state.key_at(self.v.path(rel)))
+                    except FileNotFoundError:  # renamed meanwhile
+                        continue
                     handles.append([htype, h.hex()])
                 try:
                     reply = request(self.v.name, {"op": "evict", "handles": handles}, timeout=60, wait=5)
@@ -425,7 +444,7 @@ def filler_pid(v: View) -> Optional[int]:
 
 def make_source(root: str, rnd: random.Random) -> dict[str, bytes]:
     out = {}
-    for i in range(40):
+    for i in range(120):
         rel = f"d{i % 4}/f{i}"
         data = rnd.randbytes(SIZES[i % len(SIZES)])
         os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
@@ -449,14 +468,14 @@ def test_model(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     v.env = env
     v.mount()
     run = Run(v, src, seed)
-    threads = [threading.Thread(target=target, args=(seed + i,))
+    threads = [threading.Thread(target=run.guarded, args=(target, seed + i))
                for i, target in enumerate((run.reader, run.reader, run.evictor, run.killer), start=1)]
     for t in threads:
         t.start()
     t0 = time.monotonic()
     next_remount = t0 + SECONDS / 3
     try:
-        while time.monotonic() - t0 < SECONDS:
+        while time.monotonic() - t0 < SECONDS and not run.stop.is_set():
             x = rnd.random()
             if time.monotonic() > next_remount:
                 run.remount()
@@ -464,10 +483,11 @@ def test_model(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
             with run.remount_lock:
                 with run.lock:
                     rel = rnd.choice(sorted(run.inodes))
+                    mine = rnd.choice(sorted(r for r, ino in run.inodes.items() if ino.writable))
                 if x < 0.45:
                     run.read(rel, rnd)
                 elif x < 0.85:
-                    run.change(rel, rnd)
+                    run.change(mine, rnd)
                 elif x < 0.93:
                     run.rename_or_link(rnd)
             if 0.93 <= x < 0.935:
@@ -498,6 +518,7 @@ def test_model(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     if OUT:
         with open(OUT, "a") as fh:
             fh.write(json.dumps(figures) + "\n")
+    assert not run.crashed, f"seed {seed}: a background thread failed: {run.crashed}\n{v.log[-5000:]}"
     assert f.zero_reads == 0 and f.wrong_reads == 0, f"seed {seed}: {figures}\n" + "\n".join(f.failures)
     assert not undirty, f"seed {seed}: changed by a user but not dirty: {undirty[:10]}"
     assert f.kills >= SECONDS / 2 and f.evicted > 0 and f.changes > 0, f"seed {seed}: the run did too little: {figures}"

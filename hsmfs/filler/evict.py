@@ -11,7 +11,10 @@ control socket, the space budget, a full store), or ``hsmfs evict`` on a store n
    any path, asks the filler first. It stays on whatever happens next: no mark ever stands aside
    while a file loses data.
 3. ``F_SETLEASE F_WRLCK``: granted only if no one else has the file open or mapped (a running
-   binary included); while it is held, new opens wait. Refused: the file is in use and stays.
+   binary included). Refused: the file is in use and stays. Granted: given back at once when a
+   filler serves the tree (new opens already wait on the eviction through the stub mark; see
+   Evictor._lease_and_check for why it must not be held), held to the end on a store no filler
+   serves.
 4. Under the lease, the file is checked again: resident (an unverified one is compared with its
    source byte for byte), not changed since its commit (its ctime), not pinned, and its source
    still holds the same object (or evicting it would lose the only copy).
@@ -169,11 +172,22 @@ class Evictor:
         return done
 
     def _lease_and_check(self, c: _Candidate) -> Optional[str]:
-        """Take the lease and look again; None if the file may go, else why not."""
+        """Make sure nobody uses the file, and look again; None if the file may go, else why not.
+
+        A write lease is granted only while nobody else has the file open, mapped or running, an
+        open in progress included. With a filler, the lease is given back at once: the stub mark is
+        on, so from here on every open waits for this eviction in the filler's in-flight table.
+        Holding it longer would make the filler's own reader block: the kernel opens the event fd
+        of such an open for the filler, and that open breaks the filler's own lease (it waits for
+        it), and a filler killed while it waits there leaves the opener with EPERM. Without a filler
+        (a store nobody serves) nothing else stops an open, and the lease is held to the end."""
         c.leased = take_write_lease(c.fd)
         if not c.leased:
             return IN_USE
-        # nobody else has it open now, and nobody can open it until the lease goes: look again
+        if self.filler is not None:
+            release_lease(c.fd)
+            c.leased = False
+        # nobody else has it open now, and nobody can open it without waiting for us: look again
         c.st = os.fstat(c.fd)
         why = self._precheck(c.rec, c.st, c.key)
         if why is not None:
