@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,9 @@ SCAN_PERIOD = 30.0  # seconds between scans while under the high watermark (user
 ROOM_MIN = 32 << 20  # a full store: free at least this much at once, not one file's worth per fill
 MARGIN = 1 << 20  # free bytes a fill leaves for the filesystem's own metadata
 ROOM_TRIES = 4  # writes a fill tries when it keeps finding the store full
+# seconds a look at the free space is trusted, less what fills wrote since (the write itself has
+# the last word: a fill that finds the store full makes room and tries again)
+ROOM_RECHECK = 1.0
 
 
 @dataclass
@@ -127,9 +131,15 @@ def room_after_enospc(filler: Filler, size: int, err: SourceError) -> None:
 
 def make_room(filler: Filler, need: int) -> None:
     """Before a fill writes need bytes; SourceError(ENOSPC) if they cannot fit even after evicting."""
+    now = time.monotonic()
+    if now < filler.room_until and need <= filler.room_left:  # asked less than a second ago
+        filler.room_left -= need
+        return
     avail = _available(filler.root_fd)
     if need + MARGIN <= avail:
+        filler.room_left, filler.room_until = avail - need - MARGIN, now + ROOM_RECHECK
         return
+    filler.room_until = 0.0
     with filler._lock:
         filler.stats.enospc += 1
     filler.flush(fills=False)  # fills waiting for their commit become evictable once committed

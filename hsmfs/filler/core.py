@@ -56,6 +56,7 @@ log = logging.getLogger("hsmfs.filler")
 Ino = tuple[int, int]  # (st_dev, st_ino): what an event fd's fstat names
 VERIFY_DELAY = 5.0  # seconds after the start before unverified files are compared with their source
 COMMIT_BATCH = 1024  # at most this many fills wait for one commit
+INLINE_MAX = 256 << 10  # the reader thread fills files up to this size itself (see Filler._inline)
 DEMAND, AHEAD, VERIFY, STOP = 0, 1, 2, 3  # worker queue priorities
 _EAGAIN = fan.deny_errno(errno.EAGAIN)
 
@@ -112,15 +113,15 @@ class Job:
     rec: Optional[tree.Record] = None
     fd: int = -1  # the worker's O_RDWR fd through the private root
     reserved: int = 0  # bytes fill-ahead counted in flight for it
+    st: Optional[os.stat_result] = None  # the inode's stat when the job began (saves an fstat)
 
 
 @dataclass(eq=False)
 class Pending:
-    """A fill waiting for its commit; fd keeps the inode (through the private root) for it."""
+    """A fill waiting for its commit (the committer opens the file again by its key)."""
 
     ino: Ino
     key: Key
-    fd: int
     ctime_ns: int
     users: bool
     size: int
@@ -146,6 +147,7 @@ class Filler:
         self._inflight: dict[Ino, Job] = {}
         self._pending: dict[Ino, Pending] = {}
         self._committing: list[Pending] = []
+        self._committing_inos: set[Ino] = set()
         self._commit_cv = threading.Condition(self._lock)
         self._committed = threading.Condition(self._lock)
         self._flushes = 0
@@ -156,6 +158,10 @@ class Filler:
         self._evict_lock = threading.Lock()  # one eviction at a time (by hand, budget, full store)
         self._work: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
         self._seq = itertools.count()
+        self._demand_queued = 0  # demand fills waiting for a worker (approximate: read without a lock)
+        self._quick = bool(getattr(source, "quick", False))
+        self.room_left = 0  # bytes fills may still write before the store's free space is asked again
+        self.room_until = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._threads = [threading.Thread(target=self._read_loop, name="reader", daemon=True),
                          threading.Thread(target=self._commit_loop, name="committer", daemon=True)]
@@ -360,8 +366,24 @@ class Filler:
                     self._answer([Waiter(ev.fd, now)], fan.deny_errno(self.policy.source_errno))
             if journal and self.journal is not None:
                 self.journal.read(journal)  # before any of this work can be answered
+            inline = self._inline(todo)
             for job in todo:
-                self._submit(DEMAND, lambda j=job: self._fill_job(j))  # type: ignore[misc]
+                if job is not inline:
+                    self._submit(DEMAND, lambda j=job: self._fill_job(j))  # type: ignore[misc]
+            if inline is not None:
+                self._fill_job(inline)
+
+    def _inline(self, todo: list[Job]) -> Optional[Job]:
+        """The job this thread fills itself, if any: a small file from a quick source, while no demand
+        fill waits for a worker. It saves a hand-off to a worker per file (a wake-up and the GIL
+        going back and forth, the larger part of a small fill's cost); events read meanwhile wait in
+        the kernel for at most one small fill."""
+        if not self._quick or self._demand_queued:
+            return None
+        for job in todo:
+            if job.rec is not None and job.rec.size <= INLINE_MAX:
+                return job
+        return None
 
     def _dispatch(self, ev: fan.Event, todo: list[Job], journal: list[tuple[int, Key]]) -> None:
         if ev.mask & fan.FAN_Q_OVERFLOW:
@@ -382,13 +404,13 @@ class Filler:
         ino = (st.st_dev, st.st_ino)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event mask=%#x fd=%d pid=%d range=%d+%d ino=%d", ev.mask, ev.fd, ev.pid, ev.offset,
-                      ev.count, st.st_ino)
+                      ev.length, st.st_ino)
         with self._lock:
             job = self._inflight.get(ino)
             if job is not None:
                 self._join(job, ev.fd, now)
                 return
-            filled = ino in self._pending or any(p.ino == ino for p in self._committing)
+            filled = ino in self._pending or ino in self._committing_inos
         if filled:  # every byte is there, the commit is pending
             self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
             return
@@ -406,7 +428,7 @@ class Filler:
             if job is not None:
                 self._join(job, ev.fd, now)
                 return
-            job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec)
+            job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec, st=st)
             self._inflight[ino] = job
         journal.append((ev.fd, key))  # written before the job is submitted: nothing can answer it sooner
         todo.append(job)
@@ -458,11 +480,15 @@ class Filler:
 
     # -- filling ---------------------------------------------------------------------------------
     def _submit(self, priority: int, work: Callable[[], None]) -> None:
+        if priority == DEMAND:
+            self._demand_queued += 1
         self._work.put((priority, next(self._seq), work))
 
     def _work_loop(self) -> None:
         while True:
-            _prio, _seq, work = self._work.get()
+            prio, _seq, work = self._work.get()
+            if prio == DEMAND:
+                self._demand_queued -= 1
             if work is _STOP:
                 return
             try:
@@ -479,22 +505,16 @@ class Filler:
         try:
             if job.fd < 0:
                 job.fd = open_handle(self.root_fd, *state.split_key(job.key), os.O_RDWR | os.O_NONBLOCK)
-            st = os.fstat(job.fd)
+            st = job.st if job.st is not None else os.fstat(job.fd)
             rec = job.rec or tree.read_record(job.fd)
             job.rec = rec
             if job.kind != "demand" and self.log.state(rec, st, job.key) is not FileState.STUB:
                 self.marks.settle(job.fd)  # a replayed file filled before its filler died, or an ahead race
             else:
                 assert rec is not None
-                done = self._fill_making_room(job.fd, rec)
+                done = self._fill_making_room(job.fd, rec, st)
                 faults.pause("fill")
                 self.marks.filled(job.fd)
-                # wait for the commit with a read-only fd: a file open for writing cannot be executed
-                # (ETXTBSY), and a filled file's next exec no longer has the pre-content mark that
-                # would excuse that
-                rfd = os.open(f"/proc/self/fd/{job.fd}", os.O_RDONLY | os.O_CLOEXEC)
-                os.close(job.fd)
-                job.fd = rfd
         except SourceError as e:
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             log.error("cannot fill %s from %s: %s; %s, the stub stays a stub", self._describe(job),
@@ -517,7 +537,7 @@ class Filler:
             waiters = job.waiters
             job.waiters = []
             if done is not None:
-                self._pending[job.ino] = Pending(job.ino, job.key, job.fd, done.ctime_ns, done.users,
+                self._pending[job.ino] = Pending(job.ino, job.key, done.ctime_ns, done.users,
                                                  job.rec.size if job.rec is not None else 0)
                 if len(self._pending) in (1, COMMIT_BATCH):  # start a commit period, or end it early
                     self._commit_cv.notify_all()
@@ -529,10 +549,11 @@ class Filler:
                 self.stats.ahead_fills += 1
                 self.stats.fill_bytes += done.written
             self._committed.notify_all()
-        self._answer(waiters, response)
-        if done is None and job.fd >= 0:
+        # no fd stays open on the file (one open for writing would make its exec fail with ETXTBSY)
+        if job.fd >= 0:
             os.close(job.fd)
-        job.fd = -1
+            job.fd = -1
+        self._answer(waiters, response)
         if job.kind in ("demand", "replay") and job.rec is not None:
             self.ahead.touched(job.rec.path_id)
         elif job.kind == "ahead":
@@ -567,7 +588,7 @@ class Filler:
             return
         self._fill_job(job)
 
-    def _fill_making_room(self, fd: int, rec: tree.Record) -> Filled:
+    def _fill_making_room(self, fd: int, rec: tree.Record, st: os.stat_result) -> Filled:
         """fill(), with room made for it: checked before it writes (hsmfs.filler.budget.make_room), and
         made again if the write still finds the store full (filesystems that free space only at their
         next commit, such as btrfs, show it late); SourceError(ENOSPC) once nothing more can go."""
@@ -576,7 +597,8 @@ class Filler:
         rel = self.paths.get(rec.path_id)
         for attempt in range(ROOM_TRIES):
             try:
-                return fill(fd, rec, self.source, rel, room=lambda need: make_room(self, need))
+                return fill(fd, rec, self.source, rel, room=lambda need: make_room(self, need),
+                            st=st if attempt == 0 else None)
             except SourceError as e:
                 if isinstance(e, NoRoom) or e.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == ROOM_TRIES - 1:
                     raise
@@ -600,12 +622,14 @@ class Filler:
                 batch = list(self._pending.values())
                 self._pending.clear()
                 self._committing = batch
+                self._committing_inos = {p.ino for p in batch}
             try:
                 self._commit(batch)
             except Exception:
                 log.exception("bug in a commit")
             with self._lock:
                 self._committing = []
+                self._committing_inos = set()
                 self._committed.notify_all()
 
     def flush(self, timeout: float = 30.0, *, fills: bool = True) -> None:
@@ -639,19 +663,25 @@ class Filler:
             # nothing is settled: each keeps its mark, and its next open compares it with the source
             log.error("commit of %d files failed: %s; they will be compared with the source on their next open",
                       len(batch), e)
-            for p in batch:
-                os.close(p.fd)
             return
         filled = 0
         faults.pause("commit")
         for p in batch:
             try:
-                self.marks.settle(p.fd)
+                fd = open_handle(self.root_fd, *state.split_key(p.key), os.O_RDONLY | os.O_NONBLOCK)
             except OSError as e:
-                log.warning("cannot remove the mark of %s: %s (its opens keep asking the filler)", _fd_path(p.fd), e)
-            if self.budget is not None:
-                filled += tree.resident_bytes(os.fstat(p.fd))
-            os.close(p.fd)
+                if e.errno != errno.ESTALE:  # ESTALE: removed since; its mark went with it
+                    log.warning("cannot reopen a committed file to remove its mark: %s (its opens keep asking the "
+                                "filler)", e)
+                continue
+            try:
+                self.marks.settle(fd)
+                if self.budget is not None:
+                    filled += tree.resident_bytes(os.fstat(fd))
+            except OSError as e:
+                log.warning("cannot remove the mark of %s: %s (its opens keep asking the filler)", _fd_path(fd), e)
+            finally:
+                os.close(fd)
         if self.budget is not None:
             self.budget.filled(filled)
         with self._lock:
@@ -701,7 +731,7 @@ class Filler:
         st = os.fstat(fd)
         ino = (st.st_dev, st.st_ino)
         with self._lock:
-            if ino in self._inflight or ino in self._pending or any(p.ino == ino for p in self._committing):
+            if ino in self._inflight or ino in self._pending or ino in self._committing_inos:
                 return None
             job = Job(ino, "evict", state.key_of(fd))
             self._inflight[ino] = job

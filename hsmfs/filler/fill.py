@@ -38,10 +38,13 @@ class Filled:
 Room = Callable[[int], None]  # asked for bytes before they are written; raises SourceError(ENOSPC) if none
 
 
-def fill(fd: int, rec: Record, source: Source, rel: str, *, room: Optional[Room] = None) -> Filled:
+def fill(fd: int, rec: Record, source: Source, rel: str, *, room: Optional[Room] = None,
+         st: Optional[os.stat_result] = None) -> Filled:
     """Make the file behind fd (O_RDWR, opened where our own I/O raises no event) hold the bytes of
-    source object rel; SourceError if the source cannot give them (the file is left as it was)."""
-    st = os.fstat(fd)
+    source object rel; SourceError if the source cannot give them (the file is left as it was).
+    st: the file's stat, if the caller has it fresh."""
+    if st is None:
+        st = os.fstat(fd)
     if st.st_size != rec.size:
         return Filled(st.st_ctime_ns, True, 0)
     obj = source.open(rel, rec)

@@ -6,8 +6,7 @@ import ctypes
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from hsmfs.linux import check, libc
 
@@ -72,13 +71,14 @@ def mark(group: int, flags: int, mask: int, dirfd: int = AT_FDCWD, path: Optiona
     check(libc.fanotify_mark(group, flags, mask, dirfd, p), "fanotify_mark")
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    """One event read from a group (a tuple: the reader decodes thousands a second)."""
+
     mask: int
     fd: int
     pid: int
     offset: int = 0
-    count: int = 0  # 0 means "to EOF" (or no range info)
+    length: int = 0  # the range's count: 0 means "to EOF" (or no range info)
     has_range: bool = False
 
 

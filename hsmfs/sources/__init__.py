@@ -38,7 +38,12 @@ class SourceFile(Protocol):
 
 
 class Source(Protocol):
-    """What the filler needs from a source."""
+    """What the filler needs from a source.
+
+    A source class may set ``quick = True`` when a fill costs about a local disk read: the filler
+    then fills small files in its event reader, saving a thread hand-off per file. Slow sources
+    (a network) leave it unset, so that one slow fetch never holds up other readers' events.
+    """
 
     def describe(self) -> str:
         """A human-readable name for logs ("/srv/data", "s3://bucket/prefix")."""

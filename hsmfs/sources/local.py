@@ -39,7 +39,7 @@ class LocalFile:
         return data_regions(self.fd, size)
 
     def copy_to(self, dst_fd: int, start: int, end: int) -> None:
-        self.source.copy(self.fd, dst_fd, start, end)
+        self.source.copy(self.fd, dst_fd, start, end, src_dev=self.st.st_dev)
 
     def same(self, dst_fd: int, start: int, end: int) -> bool:
         pos = start
@@ -57,10 +57,15 @@ class LocalFile:
 class LocalSource:
     """Reads objects beneath one directory, never following symlinks out of it.
 
+    ``quick``: a fill takes about as long as reading the file from a local disk, so the filler
+    may fill a small file in its event reader instead of handing it to a worker thread.
+
     identity: (st_dev, st_ino, f_fsid) the root must have (the store's record, hsmfs.trust). A root
     replaced since the store was built is never read from: every open fails (ESTALE), so each fill
     fails with the policy's error and says why, and the filler still answers every reader.
     """
+
+    quick = True
 
     def __init__(self, root: str, *, identity: Optional[tuple[int, int, int]] = None) -> None:
         self.root = os.path.abspath(root)
@@ -69,7 +74,7 @@ class LocalSource:
         if self._replaced:
             os.close(self._rootfd)
             self._rootfd = -1
-        self._no_cfr: set[tuple[int, int]] = set()  # (source dev, store dev) pairs copy_file_range refuses
+        self._no_cfr: set[int] = set()  # source devs whose files copy_file_range refused to copy to the store
 
     def describe(self) -> str:
         return self.root
@@ -101,21 +106,18 @@ class LocalSource:
                 raise SourceError(f"cannot open the source file: {e.strerror}", e.errno or 0) from None
         finally:
             os.close(pfd)
-        if os.fstat(fd).st_ino != st.st_ino:  # the same inode, reopened through its O_PATH fd
-            os.close(fd)
-            raise SourceError("source file changed while it was opened")
-        return LocalFile(fd, st, self)
+        return LocalFile(fd, st, self)  # the same inode: reopened through its own O_PATH fd
 
-    def copy(self, src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    def copy(self, src_fd: int, dst_fd: int, start: int, end: int, *, src_dev: int = -1) -> None:
         """[start, end) of src_fd into dst_fd at the same offsets, in the kernel.
 
         copy_file_range reflinks where both files share a btrfs/xfs filesystem; across filesystems
-        (EXDEV), sendfile copies without passing the bytes through Python. A pair of filesystems
-        that refused copy_file_range once is not asked again.
+        (EXDEV), sendfile copies without passing the bytes through Python. A source filesystem
+        whose copy_file_range to the store was refused once is not asked again (a source object
+        serves one store).
         """
         off = start
-        pair = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
-        if pair not in self._no_cfr:
+        if src_dev not in self._no_cfr:
             try:
                 while off < end:
                     n = os.copy_file_range(src_fd, dst_fd, end - off, off, off)
@@ -126,7 +128,8 @@ class LocalSource:
             except OSError as e:
                 if e.errno not in _NO_COPY_FILE_RANGE:
                     raise
-                self._no_cfr.add(pair)
+                if src_dev != -1:  # one store per source object: its filesystem pairs are known then
+                    self._no_cfr.add(src_dev)
         while off < end:
             os.lseek(dst_fd, off, os.SEEK_SET)
             n = os.sendfile(dst_fd, src_fd, off, min(end - off, 1 << 30))
