@@ -154,6 +154,7 @@ class RouteWatch:
         self.changes = 0
         self._stop = threading.Event()
         self._ipr: Any = None
+        self._mon: Any = None
         self._addrs: list[str] = []
         self._thread = threading.Thread(target=self._run, name="route-watch", daemon=True)
         self._thread.start()
@@ -162,17 +163,22 @@ class RouteWatch:
         try:
             from pyroute2 import IPRoute  # ~230 ms: paid here, in the background, only for remote sources
 
-            self._addrs = [a for a in self.ns.resolve(self.host)]
-            # the netlink socket is made in the namespace's thread, so it lives (and listens) there
-            self._ipr = self.ns.run(lambda: IPRoute())
-            self._ipr.bind()
+            self._addrs = list(self.ns.resolve(self.host))
+            # pyroute2's objects belong to the thread that made them: this one, which enters the
+            # namespace itself (a network namespace is per thread). One socket bound to the link,
+            # address and route groups for events, one for the lookups they trigger.
+            if self.ns.fd is not None:
+                setns(self.ns.fd, CLONE_NEWNET)
+            self._mon = IPRoute()
+            self._mon.bind()
+            self._ipr = IPRoute()
         except Exception as e:  # the watch is an optimisation: fetches still time out on their own
             log.warning("cannot watch the routes to %s (%s); a lost route shows as fetch timeouts", self.host, e)
             return
         self._check()
         while not self._stop.is_set():
             try:
-                msgs = self._ipr.get()
+                msgs = self._mon.get()
             except Exception:
                 if self._stop.is_set():
                     return
@@ -187,7 +193,8 @@ class RouteWatch:
             try:
                 routes = self._ipr.route("get", dst=addr)
             except Exception as e:
-                return f"no route to {addr} ({getattr(e, 'code', '')} {e})".strip()
+                code = getattr(e, "code", 0)
+                return f"no route to {addr} ({os.strerror(code) if code else e})"
             for r in routes:
                 flags = r.get("flags", 0)
                 oif = r.get_attr("RTA_OIF")
@@ -217,9 +224,10 @@ class RouteWatch:
 
     def close(self) -> None:
         self._stop.set()
-        if self._ipr is not None:
-            try:
-                self._ipr.close()
-            except Exception:
-                pass
+        for sock in (self._mon, self._ipr):
+            if sock is not None:
+                try:
+                    sock.close()
+                except Exception:
+                    pass
         self._thread.join(timeout=2)

@@ -372,6 +372,8 @@ def _pwrite_all(fd: int, data: bytes, off: int) -> None:
 class HttpSource:
     """Objects of a published tree at base (the URL of the manifest's directory, ending in "/")."""
 
+    remote = True  # fill-ahead stays off (hsmfs.filler.ahead)
+
     def __init__(self, manifest_url: str, hashes: HashTable, settings: FetchSettings, *,
                  ns: Optional[NetNamespace] = None, watch_routes: bool = False,
                  signer: Optional[Signer] = None) -> None:
