@@ -530,6 +530,8 @@ def publish(
 def refresh(
     target: str = typer.Argument(..., help="The view's directory or the mount name (running), or a store directory."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
+    config: Optional[str] = typer.Option(None, help="Policy TOML file for a store no mount serves (its netns and "
+                                         "fetch settings); a running mount uses its own."),
 ) -> None:
     """Follow the source: a new manifest version, or a rescan of a local source directory.
 
@@ -542,8 +544,14 @@ def refresh(
     if os.path.isfile(os.path.join(target, "hsmfs.json")):
         from hsmfs.refresh import refresh_offline
 
+        policy = load_policy(config)
         st = _offline_store(os.path.abspath(target))
-        report = refresh_offline(st).as_dict()
+        fd, label = fetch_netns(policy, None) if tree.is_remote(st.source) else (None, "host")
+        try:
+            report = refresh_offline(st, policy, netns_fd=fd, netns_label=label).as_dict()
+        finally:
+            if fd is not None:
+                os.close(fd)
     else:
         rt = _find(target)
         reply = request(rt.name, {"op": "refresh"}, timeout=3600)

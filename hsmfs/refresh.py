@@ -209,20 +209,12 @@ class _Apply:
                 gone.append(p)
         removed_dirs: set[str] = set()
         files_to_go: list[tuple[str, _Have, Optional[Want]]] = []
-        for p in sorted(set(gone), key=lambda x: x.count("/"), reverse=True):
+        order = sorted(set(gone), key=lambda x: x.count("/"), reverse=True)
+        for p in order:
             h = have[p]
             if stat.S_ISDIR(h.st.st_mode):
-                try:
-                    with _Parent(self.root_fd, p) as (dfd, name):
-                        os.rmdir(name, dir_fd=dfd)
-                    self.report.removed += 1
-                    removed_dirs.add(p)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        self.report.errors.append(f"{p}: {e.strerror}")
-                    elif p not in want_paths:
-                        self.report.kept.append(p + "/")
-            elif stat.S_ISREG(h.st.st_mode) and h.rec is not None:
+                continue
+            if stat.S_ISREG(h.st.st_mode) and h.rec is not None:
                 files_to_go.append((p, h, None))
             elif stat.S_ISREG(h.st.st_mode):
                 self.report.kept.append(p)  # a user's file
@@ -230,7 +222,20 @@ class _Apply:
                 with _Parent(self.root_fd, p) as (dfd, name):
                     os.unlink(name, dir_fd=dfd)
                 self.report.removed += 1
-        self._through_eviction([(p, h, None) for p, h, _ in files_to_go])
+        self._through_eviction(files_to_go)
+        for p in order:  # directories last, deepest first: those left holding a user's file stay
+            if not stat.S_ISDIR(have[p].st.st_mode):
+                continue
+            try:
+                with _Parent(self.root_fd, p) as (dfd, name):
+                    os.rmdir(name, dir_fd=dfd)
+                self.report.removed += 1
+                removed_dirs.add(p)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    self.report.errors.append(f"{p}: {e.strerror}")
+                elif p not in want_paths:
+                    self.report.kept.append(p + "/")
         # 2. directories, parents first
         for w in wants:
             if w.type == "dir" and w.path and (w.path not in have or w.path in removed_dirs):
@@ -528,16 +533,19 @@ def refresh_live(serving: Serving) -> Report:
                     ns=ns.ns if ns is not None else None)
 
 
-def refresh_offline(store: tree.Store, policy: Optional[Policy] = None) -> Report:
-    """Refresh a store no mount serves (no group: the next session marks the new stubs)."""
+def refresh_offline(store: tree.Store, policy: Optional[Policy] = None, *, netns_fd: Optional[int] = None,
+                    netns_label: str = "host") -> Report:
+    """Refresh a store no mount serves (no group: the next session marks the new stubs); fetches go
+    through the network namespace netns_fd (the caller's fd, not closed here)."""
     from hsmfs.filler.service import store_source
     from hsmfs.policy import Policy
 
     policy = policy or Policy()
-    source = store_source(store, policy, watch_routes=False)
+    source = store_source(store, policy, netns_fd=netns_fd, netns_label=netns_label, watch_routes=False)
     root = os.open(store.tree, _DIR)
     try:
-        return _run(store, root, source, policy, distrust=store.mounted)
+        t = getattr(source, "transport", None)
+        return _run(store, root, source, policy, distrust=store.mounted, ns=t.ns if t is not None else None)
     finally:
         os.close(root)
         source.close()

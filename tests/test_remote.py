@@ -121,6 +121,11 @@ def make_tree(root: str, *, seed: int = 7) -> str:
     return src
 
 
+def content(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def sha(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -145,7 +150,7 @@ def test_publish_and_mount_over_http(origin: Origin, loopfs: LoopFS, make_view: 
     for rel in ("one", "page", "mid.bin", "d/e/deep.txt", "big.bin", "empty"):
         assert sha(view.path(rel)) == sha(os.path.join(src, rel)), rel
         read += os.path.getsize(view.path(rel))
-    assert open(view.path("d/link"), "rb").read() == open(os.path.join(src, "d/e/deep.txt"), "rb").read()
+    assert content(view.path("d/link")) == content(os.path.join(src, "d/e/deep.txt"))
     # the fill restored the published mtime
     assert os.stat(view.path("d/e/deep.txt")).st_mtime_ns == 1_500_000_000_123_456_789
     st = view.status()
@@ -181,11 +186,10 @@ def test_fetch_failures(origin: Origin, loopfs: LoopFS, make_view: Callable[...,
             t0 = time.monotonic()
             if name == "flaky":  # two 503s, then the retry gets it
                 with open(view.path(name), "rb") as f:
-                    assert f.read() == open(os.path.join(src, name), "rb").read()
+                    assert f.read() == content(os.path.join(src, name))
                 continue
-            with pytest.raises(OSError) as exc:
-                with open(view.path(name), "rb") as f:
-                    f.read()
+            with pytest.raises(OSError) as exc, open(view.path(name), "rb") as f:
+                f.read()
             assert exc.value.errno == errno.EIO, name
             assert time.monotonic() - t0 < 10, name  # never a hang past fill_timeout
             st = os.stat(view.path(name))
@@ -208,7 +212,7 @@ def test_fetch_failures(origin: Origin, loopfs: LoopFS, make_view: Callable[...,
         shutil.copy(os.path.join(src, "gone"), os.path.join(origin.root, obj["gone"].lstrip("/")))
         for name in cases:
             with open(view.path(name), "rb") as f:
-                assert f.read() == open(os.path.join(src, name), "rb").read(), name
+                assert f.read() == content(os.path.join(src, name)), name
     finally:
         origin.set_faults({})
 
@@ -338,7 +342,7 @@ def test_route_loss_fails_fast_and_recovers(loopfs: LoopFS, make_view: Callable[
         while view.status()["origin"]["origin_state"] != "ok" and time.monotonic() < deadline:
             time.sleep(0.1)
         with open(view.path("b"), "rb") as f:
-            assert f.read() == open(os.path.join(src, "b"), "rb").read()
+            assert f.read() == content(os.path.join(src, "b"))
         assert "reachable again" in view.log
     finally:
         o.close()
