@@ -346,3 +346,43 @@ def test_route_loss_fails_fast_and_recovers(loopfs: LoopFS, make_view: Callable[
         assert "reachable again" in view.log
     finally:
         o.close()
+
+
+def test_netns_target_fetches_through_the_views_namespace(origin: Origin, loopfs: LoopFS,
+                                                         make_view: Callable[..., View]) -> None:
+    """netns = "target": a view mounted --namespace PID fetches through that process's network namespace
+    (here the only one with a route to the origin), and the filler stays in its own."""
+    import subprocess
+
+    src = make_tree(loopfs.mnt, seed=9)
+    url = origin.publish(src, f"t5-{loopfs.fstype}")
+    # a "container": its own mount namespace, in the client network namespace
+    proc = subprocess.Popen(["ip", "netns", "exec", origin.lab.cli, "unshare", "-m", "--propagation", "private",
+                             "sleep", "300"])
+    try:
+        ours = os.readlink("/proc/self/ns/mnt")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{proc.pid}/comm") as f:
+                    if f.read().strip() == "sleep" and os.readlink(f"/proc/{proc.pid}/ns/mnt") != ours:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        cfg = os.path.join(loopfs.base, "netns-target.toml")
+        with open(cfg, "w") as f:
+            f.write('netns = "target"\n')
+        view = make_view(url, "--namespace", str(proc.pid), "--config", cfg)
+        out = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "--", "sha256sum", view.path("big.bin")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[0] == sha(os.path.join(src, "big.bin"))
+        st = view.status()["origin"]
+        assert st["netns"] == f"target (pid {proc.pid})" and st["bytes_fetched"] == os.path.getsize(
+            os.path.join(src, "big.bin"))
+        filler = view.status()["filler_pid"]
+        assert os.readlink(f"/proc/{filler}/ns/net") == os.readlink("/proc/self/ns/net")  # it stayed where it is
+    finally:
+        proc.kill()
+        proc.wait()
