@@ -158,6 +158,11 @@ class _Origin(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # headers and body are two writes: without this, Nagle holds the body for the peer's delayed ACK
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _fault(self) -> dict[str, Any]:
         if not self.faults:
             return {}
