@@ -60,8 +60,12 @@ class Origin:
             self.close()
             raise
 
-    def url(self, sub: str) -> str:
-        return f"http://{netlab.SRV_ADDR}:{PORT}/{sub}/manifest"
+    def url(self, sub: str, port: int = PORT, scheme: str = "http") -> str:
+        return f"{scheme}://{netlab.SRV_ADDR}:{port}/{sub}/manifest"
+
+    def start(self, what: str, *args: str) -> None:
+        ready = os.path.join(self.base, f"ready-{what}-{random.randrange(1 << 30)}")
+        self.lab.start(self.lab.srv, [sys.executable, netlab.HERE, what, *args, "--ready", ready], ready=ready)
 
     def set_faults(self, faults: dict[str, Any]) -> None:
         with open(self.faults_path + ".tmp", "w") as f:
@@ -388,3 +392,51 @@ def test_netns_target_fetches_through_the_views_namespace(origin: Origin, loopfs
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_round_trip_time_through_the_delay_line(origin: Origin, loopfs: LoopFS,
+                                                 make_view: Callable[..., View]) -> None:
+    """The userspace delay line (no netem here) adds 2 x 25 ms to every request: fills see it, and
+    nothing else changes."""
+    port = 8090 + ["ext4", "xfs", "btrfs"].index(loopfs.fstype)
+    origin.start("delay", "--listen", f"{netlab.SRV_ADDR}:{port}", "--to", f"127.0.0.1:{PORT}", "--delay", "0.025")
+    src = tempfile.mkdtemp(prefix="src-", dir=loopfs.mnt)
+    for i in range(5):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(bytes([i]) * 1000)
+    origin.publish(src, f"t6-{loopfs.fstype}")
+    view = make_view(origin.url(f"t6-{loopfs.fstype}", port), "--config", origin.policy(loopfs.base))
+    for i in range(5):
+        assert content(view.path(f"f{i}")) == bytes([i]) * 1000
+    lat = view.status()["filler"]["fill_latency_ms"]
+    assert 50 <= lat["p50"] < 2000, lat
+
+
+def test_tls_is_verified(origin: Origin, loopfs: LoopFS) -> None:
+    """An HTTPS origin whose certificate no trusted authority signed is refused (exit 69), and the
+    message says why."""
+    if loopfs.fstype != "ext4":
+        pytest.skip("refused before any store exists: one filesystem is enough")
+    import subprocess
+
+    pem = os.path.join(origin.base, "self-signed.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", pem, "-out",
+                    pem + ".crt", "-days", "1", "-subj", f"/CN={netlab.SRV_ADDR}",
+                    "-addext", f"subjectAltName=IP:{netlab.SRV_ADDR}"], check=True, capture_output=True)
+    with open(pem, "a") as f, open(pem + ".crt") as c:
+        f.write(c.read())
+    src = tempfile.mkdtemp(prefix="src-", dir=loopfs.mnt)
+    with open(os.path.join(src, "a"), "w") as f:
+        f.write("a\n")
+    origin.publish(src, "tls")
+    origin.start("origin", "--root", origin.root, "--port", "8443", "--cert", pem)
+    target = tempfile.mkdtemp(dir=loopfs.base)
+    store = os.path.join(loopfs.mnt, "store-tls")
+    try:
+        r = hsmfs("mount", "--name", f"tls{os.getpid()}", "--store", store, "--config",
+                  origin.policy(loopfs.base, fetch_retries=0), origin.url("tls", 8443, "https"), target, check=False)
+        assert r.returncode == 69, r.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in r.stderr or "certificate verify failed" in r.stderr
+        assert not os.path.exists(store)
+    finally:
+        os.rmdir(target)

@@ -11,6 +11,7 @@
   (a slow server: waits before the headers), ``{"short": 100}`` (Content-Length as asked, body
   100 bytes short, then closes), ``{"long": 100}`` (Content-Length 100 bytes too many),
   ``{"corrupt": true}`` (one byte flipped), ``{"fail_times": 2, "status": 503}`` (fails twice).
+  ``--cert PEM`` serves HTTPS instead.
   Requests are counted per path in ``FILE.count`` when FILE is given.
 - ``python netlab.py delay --listen ADDR:PORT --to ADDR:PORT --delay S``: a TCP proxy that delays
   every chunk by S seconds in each direction without serializing them (a queue of
@@ -236,11 +237,18 @@ class _Origin(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve_origin(root: str, host: str, port: int, faults: Optional[str], ready: str) -> None:
+def serve_origin(root: str, host: str, port: int, faults: Optional[str], ready: str,
+                 cert: Optional[str] = None) -> None:
     _Origin.root = root
     _Origin.faults = faults
     ThreadingHTTPServer.daemon_threads = True
     srv = ThreadingHTTPServer((host, port), _Origin)
+    if cert:  # HTTPS with this certificate (key in the same PEM file)
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.shutdown).start())
     open(ready, "w").close()
     srv.serve_forever()
@@ -310,6 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     o.add_argument("--port", type=int, required=True)
     o.add_argument("--faults")
     o.add_argument("--ready", required=True)
+    o.add_argument("--cert", help="serve HTTPS with this PEM (certificate and key)")
     d = sub.add_parser("delay")
     d.add_argument("--listen", required=True)
     d.add_argument("--to", required=True)
@@ -317,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     d.add_argument("--ready", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "origin":
-        serve_origin(args.root, args.host, args.port, args.faults, args.ready)
+        serve_origin(args.root, args.host, args.port, args.faults, args.ready, args.cert)
     else:
         asyncio.run(_delay_main(_addr(args.listen), _addr(args.to), args.delay, args.ready))
     return 0
