@@ -741,10 +741,12 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
 def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     """Evict files of a store that no running mount serves (no group, so no marks to change)."""
     from hsmfs.filler.evict import BATCH, IN_USE, Evictor, Outcome
-    from hsmfs.sources.local import LocalSource
+    from hsmfs.filler.service import store_source
+    from hsmfs.policy import Policy
     from hsmfs.state import StateLog
 
-    source, table = LocalSource(st.source, identity=st.source_id), tree.PathTable(st.path)
+    # a remote store's objects are fetched (host network) only to compare an unverified file
+    source, table = store_source(st, Policy(), watch_routes=False), tree.PathTable(st.path)
     log_ = StateLog(st.path, writable=True)
     # after an unclean end a resident file may hide a user's fdatasync'd write: compare each first
     evictor = Evictor(source, table, log_, distrust=st.mounted)
@@ -901,7 +903,8 @@ def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.
     """
     from hsmfs.doctor import format_checks, run_checks
 
-    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records())]))
+    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records()
+                                                     if not tree.is_remote(rt.source))]))
     checks = run_checks(store, sources)
     print(format_checks(checks))
     if not all(c.ok for c in checks):

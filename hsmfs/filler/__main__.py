@@ -51,13 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if store is None:
         log.error("%s is not an hsmfs store", args.store)
         return 66
-    netns_fd, label = args.netns_fd, args.netns_label
-    if netns_fd is None and policy.netns not in ("host", "target"):
-        from hsmfs.netns import open_netns
-
-        netns_fd, label = open_netns(policy.netns), policy.netns
-    elif netns_fd is None:
-        label = "host"
+    # netns = "target" comes as an fd from the supervisor; a name or path Serving opens itself
+    netns_fd, label = args.netns_fd, args.netns_label if args.netns_fd is not None else "host"
     serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts,
                       netns_fd=netns_fd, netns_label=label)
     stop = threading.Event()

@@ -37,6 +37,13 @@ class Serving:
         self.restarts = restarts
         self.store = store
         self.policy = policy
+        self.netns_fd = -1
+        if netns_fd is None and tree.is_remote(store.source) and policy.netns not in ("host", "target"):
+            from hsmfs.netns import open_netns
+
+            netns_fd = open_netns(policy.netns)  # a name or path: opened anew by every filler
+            netns_label = policy.netns
+            self.netns_fd = netns_fd if netns_fd is not None else -1
         self.source = store_source(store, policy, netns_fd=netns_fd, netns_label=netns_label)
         self.paths = tree.PathTable(store.path)
         self.log = state.StateLog(store.path, writable=True)
@@ -105,6 +112,8 @@ class Serving:
         self.log.close()
         self.paths.close()
         self.source.close()
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
         log.info("filler stopped: %s", self.filler.status())
 
 
