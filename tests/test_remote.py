@@ -83,9 +83,10 @@ class Origin:
         hsmfs("publish", src, os.path.join(self.root, sub))
         return self.url(sub)
 
-    def policy(self, dirpath: str, **extra: object) -> str:
+    def policy(self, dirpath: str, *, by_name: bool = False, **extra: object) -> str:
+        """A policy file fetching through the client namespace (by its path, or its ip-netns name)."""
         path = os.path.join(dirpath, f"policy-{random.randrange(1 << 30)}.toml")
-        keys: dict[str, object] = {"netns": self.lab.cli_path, **extra}
+        keys: dict[str, object] = {"netns": self.lab.cli if by_name else self.lab.cli_path, **extra}
         with open(path, "w") as f:
             for k, v in keys.items():
                 f.write(f"{k} = {json.dumps(v)}\n")
@@ -168,6 +169,7 @@ def test_publish_and_mount_over_http(origin: Origin, loopfs: LoopFS, make_view: 
     assert st["filler"]["fill_ahead"]["enabled"] is False
 
 
+@pytest.mark.slow
 def test_fetch_failures(origin: Origin, loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     """404, 403, a server that closes mid-body, a slow one, short and long bodies, a wrong hash: each a
     clear error within fill_timeout, a log line with URL, status and cause, and the stub stays a stub."""
@@ -299,6 +301,7 @@ def test_manifest_parse_rejects() -> None:
             mf.parse(json.dumps(bad).encode(), where="x")
 
 
+@pytest.mark.slow
 def test_route_loss_fails_fast_and_recovers(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     """The link goes down mid-file: the reader gets EIO at once (not after fill_timeout), the next
     reads fail without trying, and fills resume when the route returns."""
@@ -405,11 +408,13 @@ def test_round_trip_time_through_the_delay_line(origin: Origin, loopfs: LoopFS,
         with open(os.path.join(src, f"f{i}"), "wb") as f:
             f.write(bytes([i]) * 1000)
     origin.publish(src, f"t6-{loopfs.fstype}")
-    view = make_view(origin.url(f"t6-{loopfs.fstype}", port), "--config", origin.policy(loopfs.base))
+    view = make_view(origin.url(f"t6-{loopfs.fstype}", port), "--config", origin.policy(loopfs.base, by_name=True))
     for i in range(5):
         assert content(view.path(f"f{i}")) == bytes([i]) * 1000
-    lat = view.status()["filler"]["fill_latency_ms"]
+    st = view.status()
+    lat = st["filler"]["fill_latency_ms"]
     assert 50 <= lat["p50"] < 2000, lat
+    assert st["origin"]["netns"] == origin.lab.cli  # netns = NAME: /run/netns/NAME
 
 
 def test_tls_is_verified(origin: Origin, loopfs: LoopFS) -> None:

@@ -57,6 +57,7 @@ def refresh(target: str, *extra: str) -> tuple[int, dict[str, Any]]:
     return r.returncode, json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_refresh_follows_a_new_version(origin: Origin, loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     src = tempfile.mkdtemp(prefix="src-", dir=loopfs.mnt)
     names = ("keep", "change_stub", "change_res", "meta_res", "gone_stub", "gone_res", "dirty", "busy", "dir2/y")
