@@ -319,7 +319,7 @@ class _Apply:
         return out
 
     def _through_eviction(self, items: list[tuple[str, _Have, Optional[Want]]],
-                          made: Optional[dict[str, tree.Record]] = None) -> None:
+                          made: Optional[dict[str, tree.Record]] = None, *, relink: str = "") -> None:
         """Replace (want given) or remove (None) source files, stubs or resident, under a write lease."""
         todo: list[tuple[str, Optional[Want], FileState]] = []
         fds: list[int] = []
@@ -339,7 +339,7 @@ class _Apply:
                 continue
             fds.append(fd)
             todo.append((p, w, fs))
-            then.append(self._replacer(p, w, made))
+            then.append(self._replacer(p, w, made, relink))
         if not fds:
             return
         try:
@@ -358,7 +358,7 @@ class _Apply:
         if o.evicted:
             if w is None:
                 self.report.removed += 1
-            elif fs is FileState.STUB:
+            elif fs is FileState.STUB or w.type == "hardlink":
                 self.report.replaced += 1
             else:
                 self.report.restubbed += 1
@@ -369,10 +369,16 @@ class _Apply:
         else:
             self.report.errors.append(f"{p}: {o.reason}")
 
-    def _replacer(self, p: str, w: Optional[Want], made: Optional[dict[str, tree.Record]]) -> Callable[[int], None]:
+    def _replacer(self, p: str, w: Optional[Want], made: Optional[dict[str, tree.Record]],
+                  relink: str = "") -> Callable[[int], None]:
         def run(_fd: int) -> None:
             with _Parent(self.root_fd, p) as (dfd, name):
-                if w is None:
+                if relink:
+                    tmp = f"{tree.TMP_PREFIX}l{os.getpid()}"
+                    with _Parent(self.root_fd, relink) as (sdfd, sname):
+                        os.link(sname, tmp, src_dir_fd=sdfd, dst_dir_fd=dfd, follow_symlinks=False)
+                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                elif w is None:
                     os.unlink(name, dir_fd=dfd)
                 else:
                     assert made is not None
@@ -428,16 +434,21 @@ class _Apply:
             return
         try:
             now = os.stat(w.path, dir_fd=self.root_fd, follow_symlinks=False)
-            if (now.st_dev, now.st_ino) == (first.st_dev, first.st_ino):
-                return
-            self.report.kept.append(w.path)  # another file holds the name: a user's or a dirty one
-            return
         except FileNotFoundError:
-            pass
-        with _Parent(self.root_fd, w.target) as (sdfd, sname), _Parent(self.root_fd, w.path) as (ddfd, dname):
-            os.link(sname, dname, src_dir_fd=sdfd, dst_dir_fd=ddfd, follow_symlinks=False)
-        self.report.added += 1
-
+            with _Parent(self.root_fd, w.target) as (sdfd, sname), _Parent(self.root_fd, w.path) as (ddfd, dname):
+                os.link(sname, dname, src_dir_fd=sdfd, dst_dir_fd=ddfd, follow_symlinks=False)
+            self.report.added += 1
+            return
+        if (now.st_dev, now.st_ino) == (first.st_dev, first.st_ino):
+            return
+        path = f"/proc/self/fd/{self.root_fd}/{w.path}"
+        rec = tree.read_record(path) if stat.S_ISREG(now.st_mode) else None
+        if rec is None:
+            self.report.kept.append(w.path)  # a user's file holds the name
+            return
+        # the name still holds the group's old inode (its first name got a new stub): relinked
+        # through the eviction path, like any changed file (never a dirty or open one)
+        self._through_eviction([(w.path, _Have(now, rec, path), w)], relink=w.target)
 
 class _Parent:
     """(fd of the directory that holds path in the tree, its last name)."""

@@ -63,6 +63,8 @@ def test_refresh_follows_a_new_version(origin: Origin, loopfs: LoopFS, make_view
     names = ("keep", "change_stub", "change_res", "meta_res", "gone_stub", "gone_res", "dirty", "busy", "dir2/y")
     for n in names:
         write(os.path.join(src, n), f"v1 {n}\n".encode() * 100)
+    write(os.path.join(src, "hl"), b"v1 hardlinked\n")
+    os.link(os.path.join(src, "hl"), os.path.join(src, "hl2"))
     sub = f"f-{loopfs.fstype}"
     url = origin.publish(src, sub)
     v1 = mf.parse(content(os.path.join(origin.root, sub, "manifest")), where="v1").id
@@ -81,13 +83,14 @@ def test_refresh_follows_a_new_version(origin: Origin, loopfs: LoopFS, make_view
     write(os.path.join(src, "newdir/z"), b"zzz\n")
     for n in ("change_stub", "change_res", "dirty", "busy"):
         write(os.path.join(src, n), f"v2 {n}!\n".encode() * 50)
+    write(os.path.join(src, "hl"), b"v2 hardlinked, both names\n")  # the same inode: both names change
     os.chmod(os.path.join(src, "meta_res"), 0o600)
     os.setxattr(os.path.join(src, "meta_res"), "user.tag", b"2")
     for n in ("gone_stub", "gone_res"):
         os.unlink(os.path.join(src, n))
     shutil.rmtree(os.path.join(src, "dir2"))
     out = hsmfs("publish", src, os.path.join(origin.root, sub)).stderr
-    assert f"(parent {v1[:12]})" in out and "6 written" in out  # only the changed and new contents
+    assert f"(parent {v1[:12]})" in out and "7 written" in out  # only the changed and new contents
     busy = os.open(view.path("busy"), os.O_RDONLY)
     try:
         code, report = refresh(view.target)
@@ -98,14 +101,16 @@ def test_refresh_follows_a_new_version(origin: Origin, loopfs: LoopFS, make_view
         os.close(busy)
     assert report["dirty_kept"] == ["dirty"]
     assert report["added"] == 3 and report["removed"] == 4  # new, newdir, newdir/z; gone_*, dir2/y, dir2
-    assert report["replaced"] == 1 and report["restubbed"] == 1 and report["metadata"] == 1
+    assert report["replaced"] == 3 and report["restubbed"] == 1 and report["metadata"] == 1  # stub, hl, hl2
     assert sorted(os.listdir(view.target)) == sorted(["keep", "change_stub", "change_res", "meta_res", "dirty", "busy",
-                                                      "new", "newdir"])
+                                                      "new", "newdir", "hl", "hl2"])
+    assert os.stat(view.path("hl")).st_ino == os.stat(view.path("hl2")).st_ino
     st = os.stat(view.path("meta_res"))
     assert stat.S_IMODE(st.st_mode) == 0o600 and os.getxattr(view.path("meta_res"), "user.tag") == b"2"
     assert states(view.path("meta_res"), view.path("change_res"), view.path("dirty")) == ["resident", "stub", "dirty"]
     assert view.status()["origin"]["bytes_fetched"] == fetched  # nothing fetched by the refresh itself
     assert content(view.path("dirty"))[:4] == b"USER"  # never overwritten
+    assert content(view.path("hl2")) == b"v2 hardlinked, both names\n"
     assert content(view.path("new")) == b"brand new\n"
     assert content(view.path("newdir/z")) == b"zzz\n"
     assert content(view.path("change_stub")) == b"v2 change_stub!\n" * 50
