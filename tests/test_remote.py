@@ -256,9 +256,18 @@ def test_invalid_manifest_changes_nothing(origin: Origin, loopfs: LoopFS, bad: s
         os.rmdir(target)
 
 
-def test_unreachable_origin_at_mount(origin: Origin, loopfs: LoopFS) -> None:
+def test_unreachable_origin_at_mount(origin: Origin, loopfs: LoopFS, make_view: Callable[..., View]) -> None:
     if loopfs.fstype != "ext4":
         pytest.skip("refused before any store exists: one filesystem is enough")
+    # a manifest whose first GET is cut short is fetched again, whole
+    src = make_tree(loopfs.mnt, seed=2)
+    url = origin.publish(src, "mclose")
+    origin.set_faults({"/mclose/manifest": {"close_after": 100, "fail_times": 1}})
+    try:
+        view = make_view(url, "--config", origin.policy(loopfs.base))
+        assert sorted(os.listdir(view.target)) == sorted(os.listdir(src))
+    finally:
+        origin.set_faults({})
     target = tempfile.mkdtemp(dir=loopfs.base)
     store = os.path.join(loopfs.mnt, "store-unreachable")
     try:

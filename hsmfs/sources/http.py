@@ -149,7 +149,8 @@ class Transport:
         """The whole body of url (a manifest), with retries; FetchError if it cannot be had."""
         out = bytearray()
 
-        def sink(_off: int, data: bytes) -> None:
+        def sink(off: int, data: bytes) -> None:
+            del out[off:]  # a retry without a range starts again from the first byte
             out.extend(data)
             if len(out) > limit:
                 raise FetchError(f"GET {url}: body larger than {limit} bytes")
@@ -245,10 +246,14 @@ class Transport:
             clean = True
             if end is not None and got != end:
                 raise _Retry(f"GET {url}: body ended after {got - pos} of {end - pos} bytes", got)
+            length = resp.headers.get("Content-Length")
+            if end is None and length is not None and length.isdigit() and got - pos != int(length):
+                raise _Retry(f"GET {url}: body ended after {got - pos} of {length} bytes", pos)
             return got
         except (HTTPError, OSError) as e:
             # a short body or a reset after some bytes: the retry asks for the bytes still missing
-            raise _Retry(f"GET {url}: {_cause(e)}", got) from None
+            # (without a range, for all of them again)
+            raise _Retry(f"GET {url}: {_cause(e)}", got if end is not None else pos) from None
         finally:
             if not clean:
                 resp.close()  # never hand a connection with an unread body back to the pool
