@@ -72,12 +72,14 @@ def walk(shown: str, place: Place) -> Iterator[File]:
         return
     if not stat.S_ISDIR(st.st_mode):
         return
-    for dirpath, dirs, names in os.walk(place.tree_path):
+    # directory fds: a tree deeper than PATH_MAX is listed whole (an operation on such a file then
+    # says it cannot reach it, instead of the file being passed over in silence)
+    for dirpath, dirs, names, dirfd in os.fwalk(place.tree_path, follow_symlinks=False):
         dirs.sort()
         for name in sorted(names):
             p = os.path.join(dirpath, name)
             try:
-                s = os.lstat(p)
+                s = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(s.st_mode) and not name.startswith(tree.TMP_PREFIX):

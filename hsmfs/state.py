@@ -326,14 +326,14 @@ class TreeFile:
 def tree_files(root: str, log_: StateLog) -> Iterator[TreeFile]:
     """Every regular file beneath root with its state, each inode once; lstat, getxattr and
     name_to_handle_at only: no file is opened, so the walk raises no fanotify event."""
-    for path, st, rec in tree.files(root):
+    for f, rec in tree.files(root):
         key = None
         if rec is not None:
             try:
-                key = key_at(path)
+                key = key_at(f.name, f.dirfd)
             except OSError:
                 continue
-        yield TreeFile(path, st, rec, key, log_.state(rec, st, key), key is not None and log_.pinned(key))
+        yield TreeFile(f.path, f.st, rec, key, log_.state(rec, f.st, key), key is not None and log_.pinned(key))
 
 
 def state_of_path(path: str, log_: StateLog) -> FileState:
@@ -416,21 +416,14 @@ def upgrade(store: tree.Store) -> int:
 
 
 def _records_any_schema(root: str) -> Iterator[tuple[str, os.stat_result, None]]:
-    seen: set[int] = set()
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_ino in seen:
+    for f in tree.walk(root):
+        try:
+            os.getxattr(f.fd_path, tree.XATTR, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
                 continue
-            seen.add(st.st_ino)
-            try:
-                os.getxattr(path, tree.XATTR, follow_symlinks=False)
-            except OSError as e:
-                if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-                    continue
-                raise
-            yield path, st, None
+            raise
+        yield f.path, f.st, None
 
 
 def store_of(path: str) -> str:

@@ -220,25 +220,49 @@ def is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://", "s3://"))
 
 
-def files(root: str) -> Iterator[tuple[str, os.stat_result, Optional[Record]]]:
-    """(path, lstat, record) of each regular file beneath root, each inode once (hardlinks).
+@dataclass(frozen=True)
+class Found:
+    """A regular file found by :func:`walk`; dirfd is valid only until the walk goes on."""
 
-    lstat and getxattr only: walking a tree raises no fanotify event. Files that vanish or carry a
-    record this version cannot read are passed over.
+    dirfd: int
+    name: str
+    path: str  # root joined with the path beneath it: for messages, and for open_beneath (any length)
+    st: os.stat_result
+
+    @property
+    def fd_path(self) -> str:
+        """A path to the file through its directory's fd: short whatever the file's depth."""
+        return f"/proc/self/fd/{self.dirfd}/{self.name}"
+
+
+def walk(root: str) -> Iterator[Found]:
+    """Every regular file beneath root, each inode once (hardlinks), symlinks not followed.
+
+    Through directory fds (os.fwalk), so a tree deeper than PATH_MAX is walked whole: a stub that a
+    path-based walk skipped would get no stub mark, and its holes would read as data. lstat only:
+    no file is opened, no event is raised. Names that vanish meanwhile are passed over.
     """
     seen: set[int] = set()
-    for dirpath, _dirs, names in os.walk(root):
+    for dirpath, _dirs, names, dirfd in os.fwalk(root, follow_symlinks=False):
         for name in names:
-            path = os.path.join(dirpath, name)
             try:
-                st = os.lstat(path)
-                if not stat.S_ISREG(st.st_mode) or st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
-                rec = read_record(path)
-            except (OSError, RecordError):
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
                 continue
-            yield path, st, rec
+            if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                yield Found(dirfd, name, os.path.join(dirpath, name), st)
+
+
+def files(root: str) -> Iterator[tuple[Found, Optional[Record]]]:
+    """(file, record) of each regular file beneath root (see :func:`walk`); files whose record this
+    version cannot read are passed over."""
+    for f in walk(root):
+        try:
+            rec = read_record(f.fd_path)
+        except (OSError, RecordError):
+            continue
+        yield f, rec
 
 
 def resident_bytes(st: os.stat_result) -> int:

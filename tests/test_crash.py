@@ -276,6 +276,7 @@ class Crash:
         self.fstype = fstype
         self.base = base
         self.source = source
+        self.fill_ahead = True
         _names[0] += 1
         self.name = f"crash{os.getpid()}-{_names[0]}"
         self.target = os.path.join(base, "view")
@@ -297,10 +298,14 @@ class Crash:
         return os.path.join(self.store, "tree", rel)
 
     # the hsmfs mount
-    def mount(self, commit_interval: float, workers: int = 4) -> None:
-        config = os.path.join(self.base, f"policy-{commit_interval}.toml")
+    def mount(self, commit_interval: float, workers: int = 4, *, fill_ahead: Optional[bool] = None) -> None:
+        """fill_ahead: None keeps what the last mount had (true at first)."""
+        if fill_ahead is not None:
+            self.fill_ahead = fill_ahead
+        config = os.path.join(self.base, f"policy-{commit_interval}-{self.fill_ahead}.toml")
         with open(config, "w") as f:
-            f.write(f"commit_interval = {commit_interval}\nworkers = {workers}\n")
+            f.write(f"commit_interval = {commit_interval}\nworkers = {workers}\n"
+                    f"fill_ahead = {str(self.fill_ahead).lower()}\n")
         hsmfs("mount", "--name", self.name, "--store", self.store, "--config", config, self.source.root,
               self.target)
         with open(os.path.join(RUN_DIR, self.name + ".json")) as f:
@@ -322,10 +327,11 @@ class Crash:
         return {os.path.relpath(r["path"], self.target): r["state"] for r in rows}
 
     def flush(self) -> None:
-        """Wait until every fill is committed (and so ignore-marked)."""
+        """Wait until every fill is committed (its stub mark gone), and every file a cut left unverified
+        was compared with its source."""
         def idle() -> bool:
             f = self.status()["filler"]
-            return bool(f["pending_commit"] == 0 and f["inflight"] == 0)
+            return bool(f["pending_commit"] == 0 and f["inflight"] == 0 and f["unverified_left"] == 0)
         _wait(idle, 60, "the filler to commit every fill", step=0.1)
 
     @property
@@ -1260,7 +1266,7 @@ def test_evict_unverified_after_cut(crash: Crash, source: Source) -> None:
     c = crash
     pool = source.sized(64 * 1024)
     victim, other = pool[0], pool[1]
-    c.mount(commit_interval=0.05)
+    c.mount(commit_interval=0.05, fill_ahead=False)  # other stays a stub
     read_all(c, [victim])
     c.flush()
     c.cut()

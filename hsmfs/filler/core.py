@@ -54,8 +54,9 @@ from hsmfs.state import FileState, Key, StateLog
 log = logging.getLogger("hsmfs.filler")
 
 Ino = tuple[int, int]  # (st_dev, st_ino): what an event fd's fstat names
+VERIFY_DELAY = 5.0  # seconds after the start before unverified files are compared with their source
 COMMIT_BATCH = 1024  # at most this many fills wait for one commit
-DEMAND, AHEAD = 0, 1  # worker queue priorities
+DEMAND, AHEAD, VERIFY, STOP = 0, 1, 2, 3  # worker queue priorities
 _EAGAIN = fan.deny_errno(errno.EAGAIN)
 
 
@@ -150,6 +151,9 @@ class Filler:
         self._committed = threading.Condition(self._lock)
         self._flushes = 0
         self._stopping = False
+        self._closing = threading.Event()
+        self._verify_queue: deque[Key] = deque()
+        self._verifying = False
         self._evict_lock = threading.Lock()  # one eviction at a time (by hand, budget, full store)
         self._work: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
         self._seq = itertools.count()
@@ -170,16 +174,75 @@ class Filler:
             t.start()
         if self.budget is not None:
             self.budget.start()
+        self._verify_queue = deque(k for k, e in list(self.log.states.items()) if e.op == state.OP_UNVERIFIED)
+        if self._verify_queue:
+            log.info("comparing %d files that were resident when a session ended uncleanly with their source, in "
+                     "the background", len(self._verify_queue))
+            self._verifying = True
+            # after the start's burst of demand fills, not in the middle of it
+            timer = threading.Timer(VERIFY_DELAY, lambda: self._submit(VERIFY, self._verify_next))
+            timer.daemon = True
+            timer.start()
+
+    # -- after an unclean end ----------------------------------------------------------------------
+    def _verify_next(self) -> None:
+        """Compare one unverified file with its source, then queue the next: one at a time, behind
+        every fill, so a reader never waits for it."""
+        key = self._verify_queue.popleft() if self._verify_queue and not self._closing.is_set() else None
+        if key is not None:
+            try:
+                self._verify(key)
+            except (OSError, tree.RecordError, SourceError) as e:
+                log.warning("cannot compare a file with its source after the unclean end: %s; it stays "
+                            "unverified (compared again before it is evicted)", e)
+        with self._lock:
+            if self._verify_queue and not self._closing.is_set():
+                self._submit(VERIFY, self._verify_next)
+            else:
+                self._verifying = False
+                self._committed.notify_all()
+
+    def _verify(self, key: Key) -> None:
+        """unverified -> resident if its bytes are the source's and nobody changed it meanwhile, else dirty."""
+        try:
+            fd = open_handle(self.root_fd, *state.split_key(key), os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ESTALE:  # deleted since
+                self.log.record([(key, state.OP_STUB, 0)], durable=False)
+                return
+            raise
+        try:
+            st = os.fstat(fd)
+            entry = self.log.get(key)
+            if entry is None or entry.op != state.OP_UNVERIFIED or st.st_ctime_ns != entry.ctime_ns:
+                return  # changed by a user since: dirty by its ctime already
+            with self._lock:
+                if (st.st_dev, st.st_ino) in self._inflight:
+                    return
+            rec = tree.read_record(fd)
+            if rec is None:
+                return
+            obj = self.source.open(self.paths.get(rec.path_id), rec)
+            try:
+                same = st.st_size == rec.size and obj.same(fd, 0, st.st_size)
+            finally:
+                obj.close()
+            if os.fstat(fd).st_ctime_ns != st.st_ctime_ns:
+                return  # a user changed it while it was compared
+            self.log.record([(key, state.OP_RESIDENT if same else state.OP_DIRTY, st.st_ctime_ns)], durable=False)
+        finally:
+            os.close(fd)
 
     def stop(self) -> None:
         """Stop reading; let running fills finish and answer their readers; commit what is filled."""
+        self._closing.set()  # background work (verification) stops at its next step
         os.write(self._wake_w, b"x")
         self._threads[0].join()  # the reader: no new work from here on
         self.ahead.stop()
         if self.budget is not None:
             self.budget.stop()
         for _ in self._threads[2:]:
-            self._work.put((AHEAD + 1, next(self._seq), _STOP))  # after the work queued before it
+            self._work.put((STOP, next(self._seq), _STOP))  # after the work queued before it
         for t in self._threads[2:]:
             t.join()
         with self._lock:
@@ -563,7 +626,7 @@ class Filler:
                 mine = set(self._pending) | {p.ino for p in self._committing}
                 while time.monotonic() < deadline:
                     waiting = set(self._pending) | {p.ino for p in self._committing}
-                    busy = any(j.kind != "evict" for j in self._inflight.values())
+                    busy = any(j.kind != "evict" for j in self._inflight.values()) or self._verifying
                     if fills and not waiting and not busy:
                         break
                     if not fills and not (mine & waiting):
@@ -671,6 +734,7 @@ class Filler:
             d = self.stats.as_dict()
             d["inflight"] = sum(1 for j in self._inflight.values() if j.kind != "evict")
             d["pending_commit"] = len(self._pending) + len(self._committing)
+            d["unverified_left"] = len(self._verify_queue) + (1 if self._verifying and not self._verify_queue else 0)
         d["fill_ahead"] = self.ahead.status()
         d["budget"] = self.budget.status() if self.budget is not None else None
         return d

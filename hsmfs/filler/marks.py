@@ -26,8 +26,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
-from collections.abc import Iterator
 
 from hsmfs import state, tree
 from hsmfs.errors import HsmfsError
@@ -95,34 +93,20 @@ def mark_tree(group: int, root: str, log_: state.StateLog) -> tuple[int, int]:
     would read as data.
     """
     stubs = settled = 0
-    for path, st in _regular_files(root):
+    for f in tree.walk(root):
         try:
-            rec = tree.read_record(path)
+            rec = tree.read_record(f.fd_path)
             if rec is None:
                 settled += 1
                 continue
-            if log_.state(rec, st, state.key_at(path)) is state.FileState.STUB:
-                fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_DONT_FOLLOW, STUB_MASK, fan.AT_FDCWD, path)
+            if log_.state(rec, f.st, state.key_at(f.name, f.dirfd)) is state.FileState.STUB:
+                fan.mark(group, fan.FAN_MARK_ADD | fan.FAN_MARK_DONT_FOLLOW, STUB_MASK, f.dirfd, f.name)
                 stubs += 1
             else:
                 settled += 1
         except FileNotFoundError:
             continue  # removed meanwhile: a user's business
-        except OSError as e:
-            raise MarkError(f"cannot mark the stub {path}: {e.strerror or e}",
+        except (OSError, tree.RecordError) as e:
+            raise MarkError(f"cannot mark the stub {f.path}: {getattr(e, 'strerror', None) or e}",
                             hint="see 'hsmfs doctor'; a stub left unmarked would read as zeros") from None
     return stubs, settled
-
-
-def _regular_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
-    seen: set[int] = set()
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
-                seen.add(st.st_ino)
-                yield path, st
