@@ -240,11 +240,11 @@ def publish(src: str, dest: str, *, parent: Optional[str] = None, no_parent: boo
     """Publish the tree at src to dest (a directory or s3://bucket/prefix); see the module docstring."""
     stats = PublishStats()
     src = os.path.abspath(src)
-    d: _Dest = _S3Dest(dest) if dest.startswith("s3://") else _LocalDest(dest)
-    if not dest.startswith("s3://"):
+    if not dest.startswith("s3://"):  # checked before anything is made
         real_src, real_dest = os.path.realpath(src), os.path.realpath(dest)
         if real_dest == real_src or real_dest.startswith(real_src + os.sep):
             raise CannotCreate(f"the destination {escape(dest)} is inside the tree {escape(src)}")
+    d: _Dest = _S3Dest(dest) if dest.startswith("s3://") else _LocalDest(dest)
     entries, content = build(src, stats)
     if parent is None and not no_parent:
         old = d.read("manifest")
