@@ -454,3 +454,19 @@ def test_tls_is_verified(origin: Origin, loopfs: LoopFS) -> None:
         assert not os.path.exists(store)
     finally:
         os.rmdir(target)
+
+
+def test_publish_refuses_bad_input(tmp_path: Any) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a\n")
+    r = hsmfs("publish", str(tmp_path / "missing"), str(tmp_path / "out"), check=False)
+    assert r.returncode == 66 and not (tmp_path / "out").exists()
+    r = hsmfs("publish", str(src), str(src / "pub"), check=False)
+    assert r.returncode == 73 and "inside the tree" in r.stderr and sorted(os.listdir(src)) == ["a"]
+    r = hsmfs("publish", str(src), "s3://", check=False)
+    assert r.returncode == 64 and "s3://bucket/prefix" in r.stderr
+    # a second publish of an unchanged tree writes no object and names the first as its parent
+    first = hsmfs("publish", str(src), str(tmp_path / "out")).stdout.strip()
+    again = hsmfs("publish", str(src), str(tmp_path / "out"))
+    assert "0 written" in again.stderr and f"(parent {first[:12]})" in again.stderr
