@@ -239,12 +239,14 @@ class _Apply:
         # 2. directories, parents first
         for w in wants:
             if w.type == "dir" and w.path and (w.path not in have or w.path in removed_dirs):
-                with _Parent(self.root_fd, w.path) as (dfd, name):
-                    try:
+                try:
+                    with _Parent(self.root_fd, w.path) as (dfd, name):
                         os.mkdir(name, 0o700, dir_fd=dfd)
-                        self.report.added += 1
-                    except FileExistsError:
-                        pass
+                    self.report.added += 1
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    self.report.errors.append(f"{w.path}: {e.strerror or e}")
         # 3. files
         new: list[Want] = []
         changed: list[tuple[str, _Have, Optional[Want]]] = []
@@ -263,9 +265,12 @@ class _Apply:
                 meta.append((w.path, hf, w))
         made = self._new_stubs(new + [w for _p, _h, w in changed if w is not None], prepare_only=True)
         for w in new:
-            with _Parent(self.root_fd, w.path) as (dfd, name):
-                make_file(dfd, name, w.meta, made[w.path], mark=self.mark)
-            self.report.added += 1
+            try:
+                with _Parent(self.root_fd, w.path) as (dfd, name):
+                    make_file(dfd, name, w.meta, made[w.path], mark=self.mark)
+                self.report.added += 1
+            except OSError as e:  # a user's directory or file where the source now has a file
+                self.report.errors.append(f"{w.path}: {e.strerror or e}")
         self._through_eviction(changed, made)
         for p, h, w in meta:
             self._metadata(p, h, w)
@@ -275,8 +280,12 @@ class _Apply:
             fresh = hv is None or w.path in gone
             if w.type == "symlink":
                 if hv is None or fresh or os.readlink(hv.path) != w.meta.target:
-                    with _Parent(self.root_fd, w.path) as (dfd, name):
-                        make_symlink(dfd, name, w.meta)
+                    try:
+                        with _Parent(self.root_fd, w.path) as (dfd, name):
+                            make_symlink(dfd, name, w.meta)
+                    except OSError as e:
+                        self.report.errors.append(f"{w.path}: {e.strerror or e}")
+                        continue
                     self.report.added += fresh
                     self.report.metadata += not fresh
                 elif (hv.st.st_uid, hv.st.st_gid, hv.st.st_mtime_ns) != (w.meta.uid, w.meta.gid, w.meta.mtime_ns):
@@ -285,11 +294,18 @@ class _Apply:
                         os.utime(name, ns=(w.meta.atime_ns, w.meta.mtime_ns), dir_fd=dfd, follow_symlinks=False)
                     self.report.metadata += 1
             elif w.type == "hardlink":
-                self._hardlink(w)
+                try:
+                    self._hardlink(w)
+                except OSError as e:
+                    self.report.errors.append(f"{w.path}: {e.strerror or e}")
         # 5. directory metadata, deepest first (their entries are all made)
         for w in reversed(wants):
             if w.type == "dir":
-                fd = open_dir(self.root_fd, w.path)
+                try:
+                    fd = open_dir(self.root_fd, w.path)
+                except OSError as e:
+                    self.report.errors.append(f"{w.path}: {e.strerror or e}")
+                    continue
                 try:
                     st = os.fstat(fd)
                     if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) != \
