@@ -538,7 +538,8 @@ def refresh(
     New entries appear as stubs, deleted ones go, changed stubs get their new record, changed
     clean resident files become stubs again (through eviction: never one in use), mode, owner and
     xattr changes are applied; dirty files (changed by a user) are kept and reported, never
-    overwritten. Exit 0; 75 if some files were in use (a later refresh does them).
+    overwritten. Exit 0; 75 if some files were in use (a later refresh does them); 74 if some
+    entries could not be made or removed (each is named).
     """
     _need_root("hsmfs refresh")
     if os.path.isfile(os.path.join(target, "hsmfs.json")):
@@ -566,6 +567,8 @@ def refresh(
             print(f"kept     {escape(path)}: dirty (changed by a user); the source's new version is not applied")
         for path in report["busy"]:
             print(f"later    {escape(path)}: in use; the next refresh replaces it")
+        for path in report["kept"]:
+            print(f"kept     {escape(path)}: a user's file or directory holds the name; left as it is")
         for line in report["errors"]:
             print(f"error    {escape(line)}", file=sys.stderr)
     print(f"hsmfs: refreshed to {report['version']}: {report['added']} added, {report['removed']} removed, "
@@ -577,6 +580,8 @@ def refresh(
         err = HsmfsError(f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
         err.exit_code = int(report["error_code"])
         raise err
+    if report["errors"]:
+        raise typer.Exit(os.EX_IOERR)  # some entries could not be made or removed (each is named)
     if report["busy"]:
         raise typer.Exit(Busy.exit_code)
 

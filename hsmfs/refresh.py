@@ -269,8 +269,11 @@ class _Apply:
                 with _Parent(self.root_fd, w.path) as (dfd, name):
                     make_file(dfd, name, w.meta, made[w.path], mark=self.mark)
                 self.report.added += 1
-            except OSError as e:  # a user's directory or file where the source now has a file
-                self.report.errors.append(f"{w.path}: {e.strerror or e}")
+            except OSError as e:
+                if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    self.report.kept.append(w.path)  # a user's directory where the source now has a file
+                else:
+                    self.report.errors.append(f"{w.path}: {e.strerror or e}")
         self._through_eviction(changed, made)
         for p, h, w in meta:
             self._metadata(p, h, w)

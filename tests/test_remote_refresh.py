@@ -157,6 +157,16 @@ def test_refresh_of_a_local_source(loopfs: LoopFS, make_view: Callable[..., View
     assert stat.S_IMODE(os.stat(view.path("c")).st_mode) == 0o604
     assert content(view.path("c")) == b"old c\n"
     assert "refreshed" in view.log
+    # a user's directory where the source now has a file: kept, reported, the rest is done
+    os.mkdir(view.path("mine"))
+    write(view.path("mine/notes"), b"user's\n")
+    write(os.path.join(src, "mine"), b"source's\n")
+    write(os.path.join(src, "e"), b"e\n")
+    r = hsmfs("refresh", "--json", view.target, check=False)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert "mine" in report["kept"] and content(view.path("mine/notes")) == b"user's\n"
+    assert content(view.path("e")) == b"e\n"
 
 
 def test_refresh_of_nothing_mounted(loopfs: LoopFS) -> None:
