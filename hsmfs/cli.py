@@ -105,7 +105,8 @@ def _find(target_or_name: str) -> RuntimeRecord:
 
 @app.command()
 def mount(
-    source: str = typer.Argument(..., help="Directory whose files the view shows."),
+    source: str = typer.Argument(..., help="Directory whose files the view shows, or a published tree: "
+                                 "https://host/path/manifest or s3://bucket/prefix (hsmfs publish)."),
     target: str = typer.Argument(..., help="Existing directory where the view appears."),
     name: Optional[str] = typer.Option(None, help="Mount name (default: from TARGET, /mnt/doc -> mnt-doc)."),
     store: Optional[str] = typer.Option(None, help=f"Store directory (default: {STORE_ROOT}/NAME)."),
@@ -119,12 +120,17 @@ def mount(
     starts the filler in the background and returns once the view is live.
     """
     ns = open_namespace(namespace) if namespace is not None else None
+    netns_fd: Optional[int] = None
     try:
         st, tgt = prepare_mount(source, target, name=name, store=store, config=config, namespace=ns)
-        _start_daemon(st, tgt, ns, config)
+        if tree.is_remote(st.source) and ns is not None and load_policy(config).netns == "target":
+            netns_fd = fetch_netns(load_policy(config), ns)[0]
+        _start_daemon(st, tgt, ns, config, netns_fd=netns_fd)
     finally:
         if ns is not None:
             os.close(ns.fd)
+        if netns_fd is not None:
+            os.close(netns_fd)
 
 
 def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store: Optional[str] = None,
@@ -135,13 +141,19 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
     mount.hsmfs calls it too (hsmfs.mounthelper).
     """
     _need_root("hsmfs mount")
-    load_policy(config)  # a bad policy fails here, before anything changes
-    src = os.path.abspath(source)
-    if not os.path.isdir(src):
-        raise SourceMissing(f"source {src} is not a directory" if os.path.exists(src)
-                            else f"source {src} does not exist", hint="give an existing directory as SOURCE")
-    if not os.access(src, os.R_OK | os.X_OK):
-        raise SourceMissing(f"source {src} is not readable")
+    policy = load_policy(config)  # a bad policy fails here, before anything changes
+    remote = tree.is_remote(source)
+    if remote:
+        from hsmfs.remote import normalize
+
+        src = normalize(source)
+    else:
+        src = os.path.abspath(source)
+        if not os.path.isdir(src):
+            raise SourceMissing(f"source {src} is not a directory" if os.path.exists(src)
+                                else f"source {src} does not exist", hint="give an existing directory as SOURCE")
+        if not os.access(src, os.R_OK | os.X_OK):
+            raise SourceMissing(f"source {src} is not readable")
     name = name or default_name(target)
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise UsageError(f"mount name {name!r} may only hold letters, digits, '.', '_' and '-'")
@@ -168,7 +180,7 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
     if fstype not in HSM_FILESYSTEMS:
         raise Unavailable(f"store {store_dir} would be on {fstype}, which does not support fanotify "
                           "pre-content marks", hint="put the store on ext4, xfs or btrfs: --store DIR")
-    if src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep):
+    if not remote and (src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep)):
         raise UsageError(f"the store {store_dir} and the source {src} must not contain each other")
     check_store(store_dir)  # root's alone, and so is every directory above it (issue 11, item 7)
     try:
@@ -183,10 +195,14 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         raise CannotCreate(f"store {store_dir} exists, is not empty and is not an hsmfs store",
                            hint="give an empty or new directory as --store")
     _check_kernel()
+    fetched = None
+    if remote and (existing is None or not existing.populated):
+        fetched = _fetch_manifest(src, policy, namespace)  # a bad manifest or origin: nothing made yet
 
     st = existing or tree.Store(path=store_dir, name=name, source=src)
     recorded = st.source_id
-    os.close(open_source_root(st))  # the directory the store was built from, or now records
+    if not remote:
+        os.close(open_source_root(st))  # the directory the store was built from, or now records
     if existing is None:
         if store is None and not os.path.isdir(STORE_ROOT):
             os.makedirs(STORE_ROOT, mode=0o700)  # the default store root is root's alone
@@ -194,7 +210,7 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         os.chmod(store_dir, 0o700)
         check_store(store_dir)  # a directory above it made meanwhile by someone else: nothing to trust
         st.save()
-    elif recorded is None:
+    elif recorded is None and not remote:
         st.save()  # a store made before hsmfs recorded its source's identity
     if st.schema != tree.SCHEMA:
         from hsmfs.state import upgrade
@@ -202,9 +218,57 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         n = upgrade(st)
         print(f"hsmfs: upgraded the store {escape(st.path)} from hsmfs 0.1 ({n} stub records rewritten)",
               file=sys.stderr)
-    if not st.populated:
+    if not st.populated and fetched is not None:
+        _populate_manifest(fetched, st)
+    elif not st.populated:
         _populate(src, st)
     return st, tgt
+
+
+def fetch_netns(policy: Any, namespace: Optional[Namespace]) -> tuple[Optional[int], str]:
+    """(fd of the network namespace fetches go through, its label) for the policy's netns; UsageError
+    if it names none. netns = "target" takes the network namespace of the --namespace process."""
+    from hsmfs.netns import open_netns
+
+    if policy.netns == "target":
+        if namespace is None:
+            return None, "host"  # the view is in our own namespaces
+        from hsmfs.linux.ns import net_ns_of_pid
+
+        m = re.fullmatch(r"pid (\d+)|/proc/(\d+)/ns/mnt", namespace.label)
+        if m is None:
+            raise UsageError(f'netns = "target" needs --namespace PID (or /proc/PID/ns/mnt), not {namespace.label}',
+                             hint="or name the network namespace itself in the policy: netns = NAME or PATH")
+        pid = int(m.group(1) or m.group(2))
+        try:
+            return net_ns_of_pid(pid), f"target (pid {pid})"
+        except OSError as e:
+            raise UsageError(f"--namespace {namespace.label}: cannot open its network namespace: {e.strerror}") \
+                from None
+    return open_netns(policy.netns), policy.netns
+
+
+def _fetch_manifest(src: str, policy: Any, namespace: Optional[Namespace]) -> Any:
+    from hsmfs.netns import NetNamespace
+    from hsmfs.remote import fetch_manifest
+
+    fd, label = fetch_netns(policy, namespace)
+    ns = NetNamespace(fd, label)
+    try:
+        return fetch_manifest(src, policy, ns)[0]
+    finally:
+        ns.close()
+        if fd is not None:
+            os.close(fd)
+
+
+def _populate_manifest(m: Any, st: tree.Store) -> None:
+    from hsmfs.stubs import populate_manifest
+
+    stats = populate_manifest(m, st)
+    print(f"stub tree of {escape(st.source)} (version {m.id[:12]}): {stats.files} files, {stats.dirs} directories, "
+          f"{stats.symlinks} symlinks, {stats.hardlinks} hardlinks ({_size(stats.bytes)} at the origin)",
+          file=sys.stderr)
 
 
 def _populate(src: str, st: tree.Store) -> None:
@@ -230,7 +294,8 @@ def _populate(src: str, st: tree.Store) -> None:
           f"({_size(stats.bytes)} in the source){left}", file=sys.stderr)
 
 
-def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str]) -> None:
+def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str], *,
+                  netns_fd: Optional[int] = None) -> None:
     os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
     log_path = os.path.join(LOG_DIR, st.name + ".log")
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -242,6 +307,9 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
         fds += (namespace.fd,)
     if config:
         cmd += ["--config", os.path.abspath(config)]
+    if netns_fd is not None:
+        cmd += ["--netns-fd", str(netns_fd)]
+        fds += (netns_fd,)
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=fds,
@@ -383,6 +451,7 @@ def status(
             d["restarts"] = reply.get("restarts")
             d["filler"] = reply.get("filler")
             d["view_mounted"] = reply.get("view_mounted")
+            d["origin"] = reply.get("source")
             d["other_mounts"] = reply.get("other_mounts")
         except (OSError, Busy) as e:
             d["running"] = False
@@ -404,16 +473,117 @@ def status(
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")
+        o = d.get("origin")
+        if o:
+            print(f"  origin {o['origin']} via netns {o['netns']}: {o['origin_state']}; "
+                  f"fetched {_size(o['bytes_fetched'])} "
+                  f"in {o['requests']} requests over {o['connections']} connections, {o['retries']} retries, "
+                  f"{o['failures']} failed, {o['hash_failures']} hash failures")
         f = d.get("filler")
         if f:
             lat = f["fill_latency_ms"]
             print(f"  events {f['events']}, fills {f['fills']} ({_size(f['fill_bytes'])}), errors {f['fill_errors']}, "
                   f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms, queue overflows {f['overflows']}")
             print(f"  evictions {f['evictions']} ({_size(f['evicted_bytes'])} freed), store full {f['enospc']} times")
+            if f.get("hash_failures"):
+                print(f"  HASH FAILURES {f['hash_failures']} (fetched bytes that were not the published ones: see "
+                      f"{d['log']})")
             b = f.get("budget")
             if b:
                 print(f"  budget {_size(b['max_resident_bytes'])}: {_size(b['resident_bytes'])} resident, evicts past "
                       f"{_size(b['high'])} down to {_size(b['low'])}")
+
+
+@app.command()
+def publish(
+    src: str = typer.Argument(..., help="The local directory to publish."),
+    dest: str = typer.Argument(..., help="A local directory (serve it over HTTP) or s3://bucket/prefix."),
+    parent: Optional[str] = typer.Option(None, help="Id of the version this one follows (default: the one DEST's "
+                                         "manifest names now)."),
+    no_parent: bool = typer.Option(False, "--no-parent", help="Name no parent version."),
+) -> None:
+    """Publish SRC as a versioned manifest plus content objects named by their sha256 (docs/manifest.md).
+
+    Objects already in DEST are not written again: a second publish of a changed tree uploads only
+    what changed, and versions share objects. Mount the result with
+    'hsmfs mount https://HOST/PATH/manifest TARGET' or 'hsmfs mount s3://bucket/prefix TARGET'.
+    """
+    from hsmfs.publish import publish as do_publish
+
+    if not os.path.isdir(src):
+        raise SourceMissing(f"{escape(src)} is not a directory", hint="give the directory to publish as SRC")
+    if dest.startswith("s3://"):
+        from hsmfs.sources.s3 import split_s3
+
+        split_s3(dest)
+    stats = do_publish(src, dest, parent=parent, no_parent=no_parent)
+    print(f"hsmfs: published {escape(src)} to {escape(dest)}: version {stats.id}"
+          + (f" (parent {stats.parent[:12]})" if stats.parent else "")
+          + f"; {stats.files} files ({_size(stats.bytes)}), {stats.dirs} directories, {stats.symlinks} symlinks, "
+          f"{stats.hardlinks} hardlinks; {stats.objects} objects, {stats.uploaded} written "
+          f"({_size(stats.uploaded_bytes)})"
+          + (f"; {stats.left_out} entries left out (named above)" if stats.left_out else ""), file=sys.stderr)
+    print(stats.id)
+
+
+@app.command()
+def refresh(
+    target: str = typer.Argument(..., help="The view's directory or the mount name (running), or a store directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
+    config: Optional[str] = typer.Option(None, help="Policy TOML file for a store no mount serves (its netns and "
+                                         "fetch settings); a running mount uses its own."),
+) -> None:
+    """Follow the source: a new manifest version, or a rescan of a local source directory.
+
+    New entries appear as stubs, deleted ones go, changed stubs get their new record, changed
+    clean resident files become stubs again (through eviction: never one in use), mode, owner and
+    xattr changes are applied; dirty files (changed by a user) are kept and reported, never
+    overwritten. Exit 0; 75 if some files were in use (a later refresh does them); 74 if some
+    entries could not be made or removed (each is named).
+    """
+    _need_root("hsmfs refresh")
+    if os.path.isfile(os.path.join(target, "hsmfs.json")):
+        from hsmfs.refresh import refresh_offline
+
+        policy = load_policy(config)
+        st = _offline_store(os.path.abspath(target))
+        fd, label = fetch_netns(policy, None) if tree.is_remote(st.source) else (None, "host")
+        try:
+            report = refresh_offline(st, policy, netns_fd=fd, netns_label=label).as_dict()
+        finally:
+            if fd is not None:
+                os.close(fd)
+    else:
+        rt = _find(target)
+        reply = request(rt.name, {"op": "refresh"}, timeout=3600)
+        if not reply.get("ok"):
+            raise HsmfsError(f"refresh of {escape(rt.target)} failed: {reply.get('error')}",
+                             hint=f"see {rt.log}")
+        report = reply["report"]
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        for path in report["dirty_kept"]:
+            print(f"kept     {escape(path)}: dirty (changed by a user); the source's new version is not applied")
+        for path in report["busy"]:
+            print(f"later    {escape(path)}: in use; the next refresh replaces it")
+        for path in report["kept"]:
+            print(f"kept     {escape(path)}: a user's file or directory holds the name; left as it is")
+        for line in report["errors"]:
+            print(f"error    {escape(line)}", file=sys.stderr)
+    print(f"hsmfs: refreshed to {report['version']}: {report['added']} added, {report['removed']} removed, "
+          f"{report['replaced']} stubs replaced, {report['restubbed']} resident files made stubs again, "
+          f"{report['metadata']} metadata changes; {len(report['dirty_kept'])} dirty kept, "
+          f"{len(report['busy'])} in use",
+          file=sys.stderr)
+    if report["error_code"]:
+        err = HsmfsError(f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
+        err.exit_code = int(report["error_code"])
+        raise err
+    if report["errors"]:
+        raise typer.Exit(os.EX_IOERR)  # some entries could not be made or removed (each is named)
+    if report["busy"]:
+        raise typer.Exit(Busy.exit_code)
 
 
 @app.command("stat")
@@ -576,10 +746,12 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
 def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     """Evict files of a store that no running mount serves (no group, so no marks to change)."""
     from hsmfs.filler.evict import BATCH, IN_USE, Evictor, Outcome
-    from hsmfs.sources.local import LocalSource
+    from hsmfs.filler.service import store_source
+    from hsmfs.policy import Policy
     from hsmfs.state import StateLog
 
-    source, table = LocalSource(st.source, identity=st.source_id), tree.PathTable(st.path)
+    # a remote store's objects are fetched (host network) only to compare an unverified file
+    source, table = store_source(st, Policy(), watch_routes=False), tree.PathTable(st.path)
     log_ = StateLog(st.path, writable=True)
     # after an unclean end a resident file may hide a user's fdatasync'd write: compare each first
     evictor = Evictor(source, table, log_, distrust=st.mounted)
@@ -736,7 +908,8 @@ def doctor(store: str = typer.Option(STORE_ROOT, help="Store directory to check.
     """
     from hsmfs.doctor import format_checks, run_checks
 
-    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records())]))
+    sources = list(dict.fromkeys([*(source or []), *(rt.source for rt in runtime_records()
+                                                     if not tree.is_remote(rt.source))]))
     checks = run_checks(store, sources)
     print(format_checks(checks))
     if not all(c.ok for c in checks):

@@ -41,6 +41,7 @@ from hsmfs.views import (
     ns_inode,
     open_target,
     other_mounts,
+    remote_restrictions,
     view_restrictions,
 )
 
@@ -148,11 +149,16 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     With a space budget the view is strictatime: the budget's recency is the inodes' atime.
     Shared by the supervisor and the systemd service (hsmfs.systemd).
     """
-    src = open_source_root(store)  # the directory the store was built from, not whatever is there now
-    try:
-        restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
-    finally:
-        os.close(src)
+    if tree.is_remote(store.source):
+        # no source mount to ask: nosuid and nodev unless the policy allows them (a manifest has no
+        # device nodes; its setuid bits are the publisher's)
+        restrict = remote_restrictions(allow_suid=policy.allow_suid)
+    else:
+        src = open_source_root(store)  # the directory the store was built from, not whatever is there now
+        try:
+            restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
+        finally:
+            os.close(src)
     # the target's directory itself, before anything changes: a symlink put on its path since
     # hsmfs mount checked it is refused, never followed (views.open_target)
     tfd = open_target(target) if nsfd is None else None
@@ -180,7 +186,7 @@ class Supervisor:
     so a view ends with its namespace, when the last process in it exits (a container stops)."""
 
     def __init__(self, store: tree.Store, target: str, config: Optional[str], log_path: str, *,
-                 nsfd: Optional[int] = None, namespace: Optional[str] = None) -> None:
+                 nsfd: Optional[int] = None, namespace: Optional[str] = None, netns_fd: Optional[int] = None) -> None:
         self.store = store
         self.target = target
         self.namespace = namespace
@@ -191,6 +197,8 @@ class Supervisor:
         self.group = -1
         self.nsfd = nsfd
         self.ns = os.fstat(nsfd).st_ino if nsfd is not None else None
+        # netns = "target": the network namespace of the view's process, kept for every filler start
+        self.netns_fd = netns_fd
 
     def start_filler(self, restarts: int) -> tuple[subprocess.Popen[bytes], int]:
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -200,7 +208,10 @@ class Supervisor:
             cmd += ["--ns", str(self.ns)]
         if self.config:
             cmd += ["--config", self.config]
-        fds = (self.group, w)
+        fds: tuple[int, ...] = (self.group, w)
+        if self.netns_fd is not None:
+            cmd += ["--netns-fd", str(self.netns_fd), "--netns-label", f"target ({self.namespace})"]
+            fds += (self.netns_fd,)
         proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, cwd="/")
         os.close(w)
         return proc, r
@@ -317,6 +328,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--log", default="")
+    ap.add_argument("--netns-fd", type=int, help="fd of the network namespace to fetch through (netns = target)")
     args = ap.parse_args(argv)
     ready_fd: int = args.ready_fd
     try:
@@ -326,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if store is None:
             raise HsmfsError(f"{args.store} is not an hsmfs store")
         return Supervisor(store, args.target, args.config, args.log, nsfd=args.ns_fd,
-                          namespace=args.namespace).run(ready_fd)
+                          namespace=args.namespace, netns_fd=args.netns_fd).run(ready_fd)
     except (HsmfsError, OSError) as e:
         code = e.exit_code if isinstance(e, HsmfsError) else 71  # EX_OSERR
         msg = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"

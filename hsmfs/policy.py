@@ -15,6 +15,13 @@ The file holds flat top-level keys only (docs/config.md documents each one)::
     fill_ahead_bytes = "64M"
     allow_suid = false
     allow_devices = false
+    fetch_timeout = 10.0
+    fetch_retries = 4
+    fetch_connections = 16
+    fetch_part_size = "8M"
+    refresh_interval = 0
+    netns = "host"
+    route_watch = true
 
 Every mistake is a :class:`~hsmfs.errors.ConfigError` naming the file, the line and the key, and
 saying what is expected; unknown keys are mistakes too, so a typo never silently means a default.
@@ -147,6 +154,40 @@ def _check_size(value: object) -> int:
                    'powers of 1024)')
 
 
+def _check_fetch_retries(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20:
+        return value
+    raise _Invalid("expected an integer from 0 to 20")
+
+
+def _check_fetch_connections(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+        return value
+    raise _Invalid("expected an integer from 1 to 256")
+
+
+def _check_part_size(value: object) -> int:
+    n = _check_size(value)
+    if n >= 1 << 20:
+        return n
+    raise _Invalid('expected a number of bytes of at least 1M, as an integer or a string such as "8M"')
+
+
+def _check_refresh_interval(value: object) -> float:
+    f = _seconds(value)
+    if f is not None and (f == 0 or f >= 1):
+        return f
+    raise _Invalid("expected a number of seconds: 0 (never) or at least 1")
+
+
+def _check_netns(value: object) -> str:
+    if isinstance(value, str) and value and "\0" not in value and (value in ("host", "target") or "/" in value
+                                                                   or re.fullmatch(r"[A-Za-z0-9._-]+", value)):
+        return value
+    raise _Invalid('expected "host", "target", a network namespace name (ip netns) or a path to a network '
+                   'namespace file')
+
+
 def _check_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -173,6 +214,13 @@ _CHECKS: dict[str, Callable[[object], Any]] = {
     "fill_ahead_bytes": _check_size,
     "allow_suid": _check_bool,
     "allow_devices": _check_bool,
+    "fetch_timeout": _check_fill_timeout,
+    "fetch_retries": _check_fetch_retries,
+    "fetch_connections": _check_fetch_connections,
+    "fetch_part_size": _check_part_size,
+    "refresh_interval": _check_refresh_interval,
+    "netns": _check_netns,
+    "route_watch": _check_bool,
 }
 
 
@@ -197,6 +245,13 @@ class Policy:
     fill_ahead_bytes: int = 64 << 20
     allow_suid: bool = False
     allow_devices: bool = False
+    fetch_timeout: float = 10.0
+    fetch_retries: int = 4
+    fetch_connections: int = 16
+    fetch_part_size: int = 8 << 20
+    refresh_interval: float = 0.0
+    netns: str = "host"
+    route_watch: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

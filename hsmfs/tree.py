@@ -10,7 +10,9 @@ its ctime (see :mod:`hsmfs.state` for where the file's state lives and why):
 field         bytes  meaning
 ============  =====  ===========================================================================
 version       1      record schema; this module writes ``2`` (``1``: see :func:`upgrade`)
-flags         1      bit 0 ``IDENTITY``: src_ino and src_ctime_ns name the source object
+flags         1      bit 0 ``IDENTITY``: src_ino and src_ctime_ns name the local source object;
+                     bit 1 ``CONTENT``: a remote object (HTTP, S3): src_ino is the index of its
+                     sha256 in ``STORE/hashes`` (:class:`HashTable`), src_ctime_ns is 0
 size          8      the source's size in bytes when the stub was made
 mtime_ns      8      the source's mtime in nanoseconds (the stub's own; restored after every fill)
 path_id       8      offset of the source path in ``STORE/paths`` (see :class:`PathTable`)
@@ -35,6 +37,8 @@ A store directory holds one tree::
 
     STORE/hsmfs.json   store record: schema, name, source, populate progress (see Store)
     STORE/paths        source paths of the stubs (see PathTable)
+    STORE/hashes       sha256 of each remote object, 32 bytes per slot (see HashTable)
+    STORE/manifest.json  the manifest the tree was populated or last refreshed from (remote only)
     STORE/state        the state log: resident, dirty, pinned... (see hsmfs.state)
     STORE/tree/        the stub tree; views are clones of this directory's mount
 """
@@ -56,6 +60,7 @@ from hsmfs.errors import DataError
 XATTR = "trusted.hsmfs"
 SCHEMA = 2
 FLAG_IDENTITY = 1
+FLAG_CONTENT = 2
 TMP_PREFIX = ".hsmfs-tmp."  # populate makes entries under this prefix, then renames them into place
 _RECORD = struct.Struct("<BBQqQQq")
 _RECORD_V1 = struct.Struct("<BBQqqQ")  # schema 1 (hsmfs 0.1): version, state, size, mtime, atime, path_id
@@ -97,6 +102,8 @@ class Record:
             return f"source file changed size since the stub was made: {st.st_size} bytes, stub says {self.size}"
         if st.st_mtime_ns != self.mtime_ns:
             return f"source file changed since the stub was made: mtime {st.st_mtime_ns}, stub says {self.mtime_ns}"
+        if self.flags & FLAG_CONTENT:
+            return None  # a remote object: its hash is its identity (hsmfs.sources.http)
         if self.flags & FLAG_IDENTITY:
             if st.st_ino != self.src_ino:
                 return "source path now names another file (it was replaced or renamed over since the stub was made)"
@@ -164,6 +171,53 @@ class PathTable:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class HashTable:
+    """STORE/hashes: the sha256 of each remote object a stub stands for, 32 bytes per slot.
+
+    A remote stub's record has FLAG_CONTENT and names its slot in src_ino. Append-only like
+    STORE/paths, synced before the stubs that name new slots are renamed into place.
+    """
+
+    SLOT = 32
+
+    def __init__(self, store_path: str, *, writable: bool = False) -> None:
+        self.path = os.path.join(store_path, "hashes")
+        flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if writable else os.O_RDONLY
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._slots = os.fstat(self.fd).st_size // self.SLOT
+        self._lock = threading.Lock()
+
+    def add_many(self, digests: list[bytes]) -> int:
+        """Append digests; the slot of the first one (the others follow it)."""
+        if any(len(d) != self.SLOT for d in digests):
+            raise ValueError("a sha256 digest is 32 bytes")
+        with self._lock:
+            first = self._slots
+            data = b"".join(digests)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            self._slots += len(digests)
+        return first
+
+    def get(self, slot: int) -> bytes:
+        raw = os.pread(self.fd, self.SLOT, slot * self.SLOT)
+        if len(raw) != self.SLOT:
+            raise RecordError(f"content hash slot {slot} is past the end of {self.path}")
+        return raw
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def is_remote(source: str) -> bool:
+    """Whether a store's source is a URL (http, https, s3) rather than a local directory."""
+    return source.startswith(("http://", "https://", "s3://"))
 
 
 @dataclass(frozen=True)

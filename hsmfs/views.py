@@ -113,6 +113,12 @@ def view_restrictions(source_fd: int, *, allow_suid: bool = False, allow_devices
             | (MOUNT_ATTR_NOEXEC if flags & os.ST_NOEXEC else 0))
 
 
+def remote_restrictions(*, allow_suid: bool = False) -> int:
+    """The attributes of a view of a remote source: nodev always (a manifest holds no device nodes),
+    nosuid unless the policy allows setuid bits (the publisher's)."""
+    return MOUNT_ATTR_NODEV | (0 if allow_suid else MOUNT_ATTR_NOSUID)
+
+
 _TARGET_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
 _TARGET_RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 

@@ -23,8 +23,9 @@ else:
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "config.md"
 EXAMPLE = ROOT / "contrib" / "hsmfs.toml"
-KNOWN = ("(known: allow_devices, allow_suid, commit_interval, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, "
-         "fill_timeout, high_watermark, log_level, low_watermark, max_resident_bytes, source_error, workers)")
+KNOWN = ("(known: allow_devices, allow_suid, commit_interval, fetch_connections, fetch_part_size, fetch_retries, "
+         "fetch_timeout, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, fill_timeout, high_watermark, log_level, "
+         "low_watermark, max_resident_bytes, netns, refresh_interval, route_watch, source_error, workers)")
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -40,6 +40,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--restarts", type=int, default=0)
+    ap.add_argument("--netns-fd", type=int, help="network namespace to fetch through (policy netns = target)")
+    ap.add_argument("--netns-label", default="target")
     args = ap.parse_args(args_in)
     policy = load_policy(args.config)
     setup_logging(policy.log_level)
@@ -49,7 +51,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if store is None:
         log.error("%s is not an hsmfs store", args.store)
         return 66
-    serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts)
+    # netns = "target" comes as an fd from the supervisor; a name or path Serving opens itself
+    netns_fd, label = args.netns_fd, args.netns_label if args.netns_fd is not None else "host"
+    serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts,
+                      netns_fd=netns_fd, netns_label=label)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -34,7 +34,9 @@ log = logging.getLogger("hsmfs.filler")
 class FillAhead:
     def __init__(self, filler: Filler, policy: Policy) -> None:
         self.filler = filler
-        self.enabled = policy.fill_ahead
+        # never for a remote source: every byte fetched costs, and a reader of 20 % of a tree must not
+        # fetch its neighbours too (docs/remote.md: bytes fetched stay within 1.1x the bytes read)
+        self.enabled = policy.fill_ahead and not getattr(filler.source, "remote", False)
         self.max_size = policy.fill_ahead_max_size
         self.limit = policy.fill_ahead_bytes
         self.max_files = 2 * policy.workers  # queued at once: a demand fill waits for at most these

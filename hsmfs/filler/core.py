@@ -48,7 +48,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import open_beneath, syncfs
 from hsmfs.linux.handles import open_handle
 from hsmfs.policy import Policy
-from hsmfs.sources import Source, SourceError
+from hsmfs.sources import IntegrityError, Source, SourceError
 from hsmfs.state import FileState, Key, StateLog
 
 log = logging.getLogger("hsmfs.filler")
@@ -77,6 +77,7 @@ class Stats:
     evictions: int = 0
     evicted_bytes: int = 0
     enospc: int = 0  # fills that found the store full (and made room, or answered ENOSPC)
+    hash_failures: int = 0  # fetched files whose bytes did not hash to the manifest's sha256
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def as_dict(self) -> dict[str, object]:
@@ -515,6 +516,13 @@ class Filler:
                 done = self._fill_making_room(job.fd, rec, st)
                 faults.pause("fill")
                 self.marks.filled(job.fd)
+        except IntegrityError as e:
+            # loud: the origin (or the path to it) serves bytes that are not the published ones
+            log.critical("cannot fill %s: %s; readers get EIO, the stub stays a stub", self._describe(job), e)
+            response = fan.deny_errno(errno.EIO)
+            failed = True
+            with self._lock:
+                self.stats.hash_failures += 1
         except SourceError as e:
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             log.error("cannot fill %s from %s: %s; %s, the stub stays a stub", self._describe(job),

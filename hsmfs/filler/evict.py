@@ -35,7 +35,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from hsmfs import state, tree
 from hsmfs.filler import faults
@@ -58,6 +58,7 @@ STUB = "already a stub"
 LOCAL = "not from the source (made by a user)"
 FILLING = "being filled"
 SOURCE_CHANGED = "its source changed or is gone: evicting it would lose the only copy"
+UNVERIFIED_GONE = "unverified (after a crash) and its old source is gone: it cannot be told from a user's file; kept"
 BATCH = 64  # files leased at once, and journaled as stubs with one durable write
 
 
@@ -95,6 +96,19 @@ class Evictor:
         self.log = log_
         self.filler = filler
         self.distrust = distrust
+        self._then: Optional[list[Callable[[int], None]]] = None
+
+    def replace(self, fds: list[int], then: list[Callable[[int], None]]) -> list[Outcome]:
+        """Refresh's way out for files whose source changed or went (hsmfs.refresh): each file goes
+        through the same steps as an eviction (claim, stub mark, write lease, clean check, durable
+        "stub" entry), stubs included, but instead of its data being punched out, then[i](fd) runs
+        while the lease is held (a new stub renamed over its name, or its name removed). Its source
+        is not asked (it changed on purpose), except to compare an unverified file with it."""
+        self._then = then
+        try:
+            return self.evict(fds)
+        finally:
+            self._then = None
 
     def evict(self, fds: list[int]) -> list[Outcome]:
         """Evict the files behind fds (O_RDWR fds on the store, opened where our I/O raises no event;
@@ -137,7 +151,7 @@ class Evictor:
 
     def _precheck(self, rec: tree.Record, st: os.stat_result, key: state.Key) -> Optional[str]:
         fs = self.log.state(rec, st, key)
-        if fs is FileState.STUB:
+        if fs is FileState.STUB and self._then is None:
             return STUB
         if fs is FileState.DIRTY:
             return DIRTY
@@ -159,7 +173,7 @@ class Evictor:
             self.log.record([(c.key, state.OP_STUB, 0) for c in ready], durable=True)
             for c in ready:
                 faults.pause("evict")
-                done.append((c, self._punch(c)))
+                done.append((c, self._punch(c) if self._then is None else self._replace(c)))
         except BaseException:
             for c in ready:
                 if all(d is not c for d, _ in done):
@@ -192,15 +206,27 @@ class Evictor:
         why = self._precheck(c.rec, c.st, c.key)
         if why is not None:
             return why
+        fs = self.log.state(c.rec, c.st, c.key)
+        unsure = fs is FileState.UNVERIFIED or (self.distrust and fs is not FileState.STUB)
+        if self._then is not None and not unsure:
+            return None  # replaced: the old source object is not needed
         try:
             c.src = self.source.open(self.paths.get(c.rec.path_id), c.rec)
         except (SourceError, tree.RecordError):
-            return SOURCE_CHANGED
-        fs = self.log.state(c.rec, c.st, c.key)
+            return SOURCE_CHANGED if self._then is None else UNVERIFIED_GONE
         if (fs is FileState.UNVERIFIED or self.distrust) and not c.src.same(c.fd, 0, c.st.st_size):
             self.log.record([(c.key, state.OP_DIRTY, 0)], durable=True)
             return DIRTY
         return None
+
+    def _replace(self, c: _Candidate) -> Outcome:
+        assert self._then is not None
+        try:
+            self._then[c.i](c.fd)
+        except OSError as e:
+            log.error("refresh of %s stopped half-way: %s; it is a stub of its old version", self._name(c), e)
+            return Outcome(False, f"failed: {e.strerror or e}")
+        return Outcome(True, freed=c.st.st_blocks * 512)
 
     def _punch(self, c: _Candidate) -> Outcome:
         assert c.src is not None

@@ -55,16 +55,23 @@ def fill(fd: int, rec: Record, source: Source, rel: str, *, room: Optional[Room]
         need = sum(b - a for a, b in gaps)
         if need and room is not None:
             room(need)
-        for a, b in gaps:
-            try:
+        try:
+            for a, b in gaps:
                 obj.copy_to(fd, a, b)
-            except OSError as e:
-                # it was a hole: give back what this copy wrote. A copy cut short (ENOSPC) can leave
-                # allocated blocks past where it stopped, whose zeros the next try would take for a
-                # user's bytes
+            if not users and need:
+                # a remote object is checked against its manifest hash before anything may call it
+                # resident (hsmfs.sources.http); a local one has nothing to check (verify is a no-op)
+                obj.verify(fd)
+        except (OSError, SourceError) as e:
+            # they were holes: give back what this fill wrote. A copy cut short (ENOSPC) can leave
+            # allocated blocks past where it stopped, whose zeros the next try would take for a
+            # user's bytes; a fetch cut short or a hash mismatch must leave no byte of it behind
+            for a, b in gaps:
                 _give_back(fd, a, b, rec.size)
-                raise SourceError(f"copying from the source failed: {e.strerror or e}", e.errno or errno.EIO) \
-                    from None
+            if isinstance(e, SourceError):
+                raise
+            raise SourceError(f"copying from the source failed: {e.strerror or e}", e.errno or errno.EIO) \
+                from None
     finally:
         obj.close()
     if not users:

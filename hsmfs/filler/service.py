@@ -18,6 +18,7 @@ from hsmfs.filler.core import Filler
 from hsmfs.filler.marks import private_root
 from hsmfs.filler.takeover import Journal
 from hsmfs.policy import Policy
+from hsmfs.sources import Source
 from hsmfs.sources.local import LocalSource
 from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
 
@@ -26,14 +27,24 @@ log = logging.getLogger("hsmfs.filler")
 
 class Serving:
     def __init__(self, group: int, store: tree.Store, target: str, policy: Policy, *,
-                 ns: Optional[int] = None, restarts: int = 0) -> None:
+                 ns: Optional[int] = None, restarts: int = 0, netns_fd: Optional[int] = None,
+                 netns_label: str = "host") -> None:
         self.group = group
         self.tree = store.tree
         self.target = target
         self.ns = ns  # the inode of the view's mount namespace, None for ours
         self.view_ns = ns_inode() if ns is None else ns
         self.restarts = restarts
-        self.source = LocalSource(store.source, identity=store.source_id)  # never a replaced root
+        self.store = store
+        self.policy = policy
+        self.netns_fd = -1
+        if netns_fd is None and tree.is_remote(store.source) and policy.netns not in ("host", "target"):
+            from hsmfs.netns import open_netns
+
+            netns_fd = open_netns(policy.netns)  # a name or path: opened anew by every filler
+            netns_label = policy.netns
+            self.netns_fd = netns_fd if netns_fd is not None else -1
+        self.source = store_source(store, policy, netns_fd=netns_fd, netns_label=netns_label)
         self.paths = tree.PathTable(store.path)
         self.log = state.StateLog(store.path, writable=True)
         self.root_fd = private_root(group, store.tree)
@@ -43,13 +54,19 @@ class Serving:
         self.filler.take_over()
         self.server = Server(store.name, self.handle)
         self.server.start()
+        self.refresher: Optional[Any] = None
+        if policy.refresh_interval > 0:
+            from hsmfs.refresh import Refresher
+
+            self.refresher = Refresher(self, policy.refresh_interval)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "status":
             view = marked_mount(self.group)
+            src = getattr(self.source, "status", None)
             return {"ok": True, "filler_pid": os.getpid(), "restarts": self.restarts, "filler": self.filler.status(),
-                    "view_mounted": view is not None,
+                    "source": src() if src is not None else None, "view_mounted": view is not None,
                     "other_mounts": [] if view is not None else self.other_mounts(None)}
         if op == "umount":
             lazy = bool(req.get("lazy"))
@@ -73,6 +90,10 @@ class Serving:
         if op == "states":
             keys = [state.make_key(int(t), bytes.fromhex(h)) for t, h in req.get("handles", [])]
             return {"ok": True, "states": self.filler.states(keys)}
+        if op == "refresh":
+            from hsmfs.refresh import refresh_live
+
+            return {"ok": True, "report": refresh_live(self).as_dict()}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def other_mounts(self, view_id: Optional[int]) -> list[str]:
@@ -81,6 +102,8 @@ class Serving:
 
     def close(self) -> None:
         """Answer every event read, commit what is filled; the group stays open (it is not ours)."""
+        if self.refresher is not None:
+            self.refresher.stop()
         self.server.close()
         self.filler.stop()
         self.journal.close()
@@ -89,4 +112,21 @@ class Serving:
         self.log.close()
         self.paths.close()
         self.source.close()
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
         log.info("filler stopped: %s", self.filler.status())
+
+
+def store_source(store: tree.Store, policy: Policy, *, netns_fd: Optional[int] = None, netns_label: str = "host",
+                 watch_routes: bool = True) -> Source:
+    """The source a store is filled from: its local directory (never a replaced root), or its
+    HTTP/S3 origin through the policy's network namespace (hsmfs.remote; urllib3 and the route
+    watch's pyroute2 are imported only then)."""
+    if not tree.is_remote(store.source):
+        return LocalSource(store.source, identity=store.source_id)
+    from dataclasses import replace
+
+    from hsmfs.remote import open_source
+
+    return open_source(store, policy if watch_routes else replace(policy, route_watch=False), netns_fd=netns_fd,
+                       netns_label=netns_label)

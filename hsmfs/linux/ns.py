@@ -15,6 +15,8 @@ from hsmfs.linux.mount import CLONE_NEWNS
 NS_GET_USERNS = 0xB701  # an fd of the user namespace that owns the namespace fd refers to
 NS_GET_NSTYPE = 0xB703  # the CLONE_NEW* type of the namespace fd refers to
 PIDFD_GET_MNT_NAMESPACE = 0xFF03  # Linux 6.11+: the mount namespace of a pidfd's process
+PIDFD_GET_NET_NAMESPACE = 0xFF04  # Linux 6.11+: its network namespace
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
 
 
 def mount_ns_of_pid(pid: int) -> int:
@@ -29,6 +31,24 @@ def mount_ns_of_pid(pid: int) -> int:
         return fcntl.ioctl(pidfd, PIDFD_GET_MNT_NAMESPACE)
     finally:
         os.close(pidfd)
+
+
+def net_ns_of_pid(pid: int) -> int:
+    """An fd of the network namespace of process pid, taken through a pidfd (see mount_ns_of_pid)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return fcntl.ioctl(pidfd, PIDFD_GET_NET_NAMESPACE)
+    finally:
+        os.close(pidfd)
+
+
+def is_net_ns(fd: int) -> bool:
+    try:
+        return ns_type(fd) == CLONE_NEWNET
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            return False
+        raise
 
 
 def ns_type(fd: int) -> int:

@@ -19,6 +19,10 @@ class SourceError(Exception):
         self.errno = err
 
 
+class IntegrityError(SourceError):
+    """A fetched file's bytes do not hash to its manifest's sha256: readers get EIO, the stub stays a stub."""
+
+
 class SourceFile(Protocol):
     """One source object, checked to be the one a stub record describes."""
 
@@ -32,6 +36,11 @@ class SourceFile(Protocol):
 
     def same(self, dst_fd: int, start: int, end: int) -> bool:
         """Whether dst_fd's bytes [start, end) are the object's."""
+        ...
+
+    def verify(self, dst_fd: int) -> None:
+        """Check dst_fd's whole content before it may be called resident (a remote object's hash);
+        SourceError (EIO) if it is not the object's. Local objects: nothing to check."""
         ...
 
     def close(self) -> None: ...

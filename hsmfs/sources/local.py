@@ -50,6 +50,9 @@ class LocalFile:
             pos += n
         return True
 
+    def verify(self, dst_fd: int) -> None:
+        pass  # the object was checked at open (inode, ctime, size, mtime) and copied by the kernel
+
     def close(self) -> None:
         os.close(self.fd)
 
