@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import LoopFS
@@ -20,8 +20,8 @@ def _key(n: int) -> state.Key:
     return state.make_key(1, n.to_bytes(8, "little"))
 
 
-def test_entries_round_trip_and_last_one_wins() -> None:
-    d = tempfile.mkdtemp(dir="/var/tmp")
+def test_entries_round_trip_and_last_one_wins(tmp_path: Path) -> None:
+    d = str(tmp_path)
     w = StateLog(d, writable=True)
     w.record([(_key(1), state.OP_RESIDENT, 11), (_key(2), state.OP_DIRTY, 0), (_key(1), state.OP_PIN, 0)])
     w.record([(_key(3), state.OP_UNVERIFIED, 33), (_key(2), state.OP_STUB, 0), (_key(1), state.OP_RESIDENT, 12)])
@@ -34,8 +34,8 @@ def test_entries_round_trip_and_last_one_wins() -> None:
     assert not r.pinned(_key(1))
 
 
-def test_torn_tail_is_dropped_and_cut_before_the_next_append() -> None:
-    d = tempfile.mkdtemp(dir="/var/tmp")
+def test_torn_tail_is_dropped_and_cut_before_the_next_append(tmp_path: Path) -> None:
+    d = str(tmp_path)
     w = StateLog(d, writable=True)
     w.record([(_key(1), state.OP_RESIDENT, 1)])
     with open(os.path.join(d, "state"), "ab") as f:  # a crash in the middle of an append
@@ -48,9 +48,9 @@ def test_torn_tail_is_dropped_and_cut_before_the_next_append() -> None:
     assert os.path.getsize(os.path.join(d, "state")) == len(state.HEADER) + 2 * state.ENTRY_SIZE
 
 
-def test_concurrent_appenders_and_a_compaction_lose_nothing() -> None:
+def test_concurrent_appenders_and_a_compaction_lose_nothing(tmp_path: Path) -> None:
     """Four processes append 2,000 entries each while this one compacts the log again and again."""
-    d = tempfile.mkdtemp(dir="/var/tmp")
+    d = str(tmp_path)
     StateLog(d, writable=True).close()
     code = ("import sys; from hsmfs import state\n"
             "w = state.StateLog(sys.argv[1], writable=True); base = int(sys.argv[2])\n"
@@ -67,8 +67,8 @@ def test_concurrent_appenders_and_a_compaction_lose_nothing() -> None:
     assert all(r.get(_key(k * 100000 + i)) == state.Entry(state.OP_RESIDENT, i) for k in range(4) for i in (0, 1999))
 
 
-def test_compaction_with_distrust_turns_resident_unverified() -> None:
-    d = tempfile.mkdtemp(dir="/var/tmp")
+def test_compaction_with_distrust_turns_resident_unverified(tmp_path: Path) -> None:
+    d = str(tmp_path)
     w = StateLog(d, writable=True)
     w.record([(_key(1), state.OP_RESIDENT, 5), (_key(2), state.OP_DIRTY, 0), (_key(3), state.OP_PIN, 0)])
     w.compact(distrust=True)
@@ -78,8 +78,8 @@ def test_compaction_with_distrust_turns_resident_unverified() -> None:
     assert os.path.getsize(os.path.join(d, "state")) == len(state.HEADER) + 3 * state.ENTRY_SIZE
 
 
-def test_not_a_state_log_is_a_clear_error() -> None:
-    d = tempfile.mkdtemp(dir="/var/tmp")
+def test_not_a_state_log_is_a_clear_error(tmp_path: Path) -> None:
+    d = str(tmp_path)
     with open(os.path.join(d, "state"), "wb") as f:
         f.write(b"something else entirely")
     with pytest.raises(state.DataError, match="not an hsmfs state log"):

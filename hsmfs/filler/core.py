@@ -152,6 +152,7 @@ class Filler:
         self._commit_cv = threading.Condition(self._lock)
         self._committed = threading.Condition(self._lock)
         self._flushes = 0
+        self._urgent = False  # commit what waits without waiting for commit_interval (fills taken over)
         self._stopping = False
         self._closing = threading.Event()
         self._verify_queue: deque[Key] = deque()
@@ -266,9 +267,10 @@ class Filler:
         events, held by a dup so no new event can take it. Journaled files are filled like any
         demand fill; their numbers are allowed as soon as their fill is done.
         """
-        pending = self.journal.pending() if self.journal is not None else {}
+        pending, fills = self.journal.pending() if self.journal is not None else ({}, {})
         if self.journal is not None:
             self.journal.reset()
+        self._adopt(fills)
         t0 = time.monotonic()
         self.stats.swept = sweep(self.group, pending)
         reserved = reserve(pending)
@@ -291,6 +293,33 @@ class Filler:
                         (time.monotonic() - t0) * 1000, self.stats.replayed, self.stats.swept)
         for n in reserved:
             os.close(n)
+
+    def _adopt(self, fills: dict[Key, tuple[int, bool]]) -> None:
+        """Commit what a dead predecessor filled and did not commit: it removed their marks."""
+        adopted = []
+        for key, (ctime, users) in fills.items():
+            if self.log.get(key) is not None:
+                continue  # committed (or evicted and filled again: then its entry is newer)
+            try:
+                fd = open_handle(self.root_fd, *state.split_key(key), os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue  # removed since
+            try:
+                st = os.fstat(fd)
+                rec = tree.read_record(fd)
+            except (OSError, tree.RecordError):
+                continue
+            finally:
+                os.close(fd)
+            if rec is not None:
+                ino = (st.st_dev, st.st_ino)
+                self._pending[ino] = Pending(ino, key, ctime, users, rec.size)
+                adopted.append((key, ctime, users))
+        if adopted:
+            self._urgent = True  # they waited long enough: commit them first thing
+            if self.journal is not None:
+                self.journal.filled(adopted)  # ours now, should we die too
+            log.info("took over %d fills of a dead filler that were not committed yet", len(adopted))
 
     def _replay_job(self, key: Key, waiters: list[Waiter]) -> Optional[Job]:
         """A job for a file a dead predecessor was filling, or None if its numbers were answered here."""
@@ -515,7 +544,12 @@ class Filler:
                 assert rec is not None
                 done = self._fill_making_room(job.fd, rec, st)
                 faults.pause("fill")
-                self.marks.filled(job.fd)
+                if self.journal is not None:
+                    self.journal.filled([(job.key, done.ctime_ns, done.users)])
+                # Every byte is there: no event for this file any more, opens and reads alike. The
+                # commit makes the data durable; if it cannot, it puts the stub mark back
+                # (Filler._commit), so the next open compares the file with the source again.
+                self.marks.settle(job.fd)
         except IntegrityError as e:
             # loud: the origin (or the path to it) serves bytes that are not the published ones
             log.critical("cannot fill %s: %s; readers get EIO, the stub stays a stub", self._describe(job), e)
@@ -622,11 +656,13 @@ class Filler:
                 if not self._pending and self._stopping:
                     return
                 deadline = time.monotonic() + self.policy.commit_interval
-                while len(self._pending) < COMMIT_BATCH and not self._stopping and not self._flushes:
+                while len(self._pending) < COMMIT_BATCH and not self._stopping and not self._flushes \
+                        and not self._urgent:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._commit_cv.wait(left)
+                self._urgent = False
                 batch = list(self._pending.values())
                 self._pending.clear()
                 self._committing = batch
@@ -668,28 +704,24 @@ class Filler:
             self.log.record([(p.key, state.OP_DIRTY if p.users else state.OP_RESIDENT, p.ctime_ns) for p in batch],
                             durable=True)
         except OSError as e:
-            # nothing is settled: each keeps its mark, and its next open compares it with the source
-            log.error("commit of %d files failed: %s; they will be compared with the source on their next open",
-                      len(batch), e)
+            # the data may not be on disk (a write-back error): every file of the batch gets its stub
+            # mark back, and its next open compares it with the source and fills what is missing
+            log.error("commit of %d files failed: %s; their stub marks are back, and each is compared with the "
+                      "source on its next open", len(batch), e)
+            self._rearm(batch)
             return
         filled = 0
         faults.pause("commit")
-        for p in batch:
-            try:
-                fd = open_handle(self.root_fd, *state.split_key(p.key), os.O_RDONLY | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno != errno.ESTALE:  # ESTALE: removed since; its mark went with it
-                    log.warning("cannot reopen a committed file to remove its mark: %s (its opens keep asking the "
-                                "filler)", e)
-                continue
-            try:
-                self.marks.settle(fd)
-                if self.budget is not None:
+        if self.budget is not None:
+            for p in batch:
+                try:
+                    fd = open_handle(self.root_fd, *state.split_key(p.key), os.O_RDONLY | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                try:
                     filled += tree.resident_bytes(os.fstat(fd))
-            except OSError as e:
-                log.warning("cannot remove the mark of %s: %s (its opens keep asking the filler)", _fd_path(fd), e)
-            finally:
-                os.close(fd)
+                finally:
+                    os.close(fd)
         if self.budget is not None:
             self.budget.filled(filled)
         with self._lock:
@@ -697,6 +729,24 @@ class Filler:
             self.stats.committed += len(batch)
         if self.log.compact():
             log.info("compacted the state log")
+        if self.journal is not None:
+            with self._lock:
+                idle = not self._pending
+            self.journal.compact(idle=idle)
+
+    def _rearm(self, batch: list[Pending]) -> None:
+        for p in batch:
+            try:
+                fd = open_handle(self.root_fd, *state.split_key(p.key), os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue  # removed since
+            try:
+                self.marks.stub(fd)
+            except OSError as e:
+                log.critical("ALARM: cannot put the stub mark back on %s: %s; if its data did not reach the disk it "
+                             "may read as zeros once its pages leave the cache", _fd_path(fd), e)
+            finally:
+                os.close(fd)
 
     # -- evicting (hsmfs.filler.evict does the work) -------------------------------------------------
     def evict(self, keys: list[Key]) -> list[Outcome]:

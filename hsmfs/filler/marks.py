@@ -6,12 +6,12 @@
   "Paths a mount mark misses"). ``FAN_OPEN_PERM`` fills a stub before its opener's first look
   (hole-aware copiers ask SEEK_DATA before they read); ``FAN_PRE_ACCESS`` catches what needs no
   open, ``truncate(path)`` of a stub.
-- **A filled file keeps ``FAN_OPEN_PERM`` only**, until the commit makes its data durable: every
-  byte is there, so reads need no event, but every new open still goes through the filler until
-  the data is on disk (a write-back error must not turn a filled file's blocks into zeros
-  unseen).
-- **A resident, dirty or user's file carries no mark at all**: nothing to fill, nothing to pay, and
-  nothing to lose when its inode leaves the cache.
+- **A filled, resident, dirty or user's file carries no mark at all**: nothing to fill, nothing to
+  pay, and nothing to lose when its inode leaves the cache. A filled file's mark goes as soon as
+  every byte is in it; if the commit that follows cannot make the data durable (a write-back
+  error), the commit puts the stub mark back, so the file's next open compares it with the source
+  and fills what is missing. (Keeping the mark until the commit would protect nothing more: an open
+  of a file whose fill is done is allowed at once anyway, and it cost an event per file.)
 - **The view** carries a mount mark for ``FAN_OPEN_EXEC`` alone. It fills nothing (the stubs'
   inode marks do); it is how the group learns that the view is gone: the kernel destroys the mark
   when the view's mount is freed, once it is unmounted and, after ``umount -l``, its last user is
@@ -35,7 +35,6 @@ from hsmfs.linux.mount import open_tree_clone
 log = logging.getLogger("hsmfs.filler")
 
 STUB_MASK = fan.FAN_OPEN_PERM | fan.FAN_PRE_ACCESS
-FILLED_MASK = fan.FAN_OPEN_PERM
 VIEW_MASK = fan.FAN_OPEN_EXEC
 _IGNORE = fan.FAN_MARK_ADD | fan.FAN_MARK_MOUNT | fan.FAN_MARK_IGNORE | fan.FAN_MARK_IGNORED_SURV_MODIFY
 
@@ -49,10 +48,6 @@ class Marks:
     def stub(self, fd: int) -> None:
         """Watch the file as a stub (opens and accesses wait for the filler)."""
         fan.mark(self.group, fan.FAN_MARK_ADD, STUB_MASK, fd)
-
-    def filled(self, fd: int) -> None:
-        """Every byte is there: reads need no event any more, opens still do until the commit."""
-        self._remove(fd, fan.FAN_PRE_ACCESS)
 
     def settle(self, fd: int) -> None:
         """Nothing left to watch: resident, dirty or a user's file."""

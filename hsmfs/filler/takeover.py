@@ -4,7 +4,7 @@ A filler that dies leaves the events it read pending in the kernel, matched by f
 (docs/kernel.md, "Answering"), and their event fds, the files' identities, die with it. So before
 work starts on an event the filler appends ``R <fd> <key hex>`` to ``/run/hsmfs/NAME.journal``
 (key: the file's handle), and ``A <fd>`` once it is answered; several lines go in one write. Its
-successor, before it reads any event (:func:`take_over`):
+successor, before it reads any event (``Filler.take_over``):
 
 1. answers ``EAGAIN`` to every other fd number below :data:`FD_LIMIT` (an error, never a stub's
    holes; the process's fd limit is pinned to that number, so no event fd can lie above it);
@@ -13,7 +13,9 @@ successor, before it reads any event (:func:`take_over`):
    allows its numbers; then lets the numbers go.
 
 Events answered at once by the reader thread (files already filled) are not journaled: a crash in
-that window leaves them to the sweep, which answers EAGAIN.
+that window leaves them to the sweep, which answers EAGAIN. A fill appends ``F <key hex> <ctime>
+<users>``: its file has no mark any more, so a successor commits what its predecessor filled and
+did not commit (the state log tells which).
 """
 
 from __future__ import annotations
@@ -54,20 +56,25 @@ class Journal:
         self._outstanding = 0
         self._size = os.fstat(self.fd).st_size
 
-    def pending(self) -> dict[int, Key]:
-        """Events a predecessor read and did not answer: fd number -> file key."""
+    def pending(self) -> tuple[dict[int, Key], dict[Key, tuple[int, bool]]]:
+        """What a predecessor left: events it read and did not answer (fd number -> file key), and
+        files it filled (key -> (ctime right after the fill, whether the file was a user's)),
+        committed or not: the state log tells."""
         data = os.pread(self.fd, self._size, 0)
-        out: dict[int, Key] = {}
+        events: dict[int, Key] = {}
+        fills: dict[Key, tuple[int, bool]] = {}
         for line in data.split(b"\n")[:-1]:  # a torn last line has no newline: ignore it
             parts = line.split()
             try:
                 if parts[0] == b"R" and len(parts) == 3:
-                    out[int(parts[1])] = bytes.fromhex(parts[2].decode())
+                    events[int(parts[1])] = bytes.fromhex(parts[2].decode())
                 elif parts[0] == b"A" and len(parts) == 2:
-                    out.pop(int(parts[1]), None)
+                    events.pop(int(parts[1]), None)
+                elif parts[0] == b"F" and len(parts) == 4:
+                    fills[bytes.fromhex(parts[1].decode())] = (int(parts[2]), parts[3] == b"1")
             except (ValueError, IndexError):
                 continue
-        return out
+        return events, fills
 
     def reset(self) -> None:
         with self._lock:
@@ -81,6 +88,20 @@ class Journal:
     def answered(self, fds: list[int]) -> None:
         self._append(b"".join(b"A %d\n" % fd for fd in fds), -len(fds))
 
+    def filled(self, fills: list[tuple[Key, int, bool]]) -> None:
+        """Files filled and not committed yet: a successor commits them (their marks are gone)."""
+        self._append(b"".join(b"F %s %d %d\n" % (key.hex().encode(), ctime, users) for key, ctime, users in fills),
+                      0)
+
+    def compact(self, *, idle: bool) -> None:
+        """Start afresh if nothing is outstanding: no event read and unanswered and, idle, no fill
+        waiting for its commit (the committer says)."""
+        with self._lock:
+            if idle and self._outstanding <= 0 and self._size >= COMPACT_AT:
+                os.ftruncate(self.fd, 0)
+                self._size = 0
+                self._outstanding = 0
+
     def _append(self, data: bytes, delta: int) -> None:
         if not data:
             return
@@ -88,10 +109,6 @@ class Journal:
             os.write(self.fd, data)
             self._size += len(data)
             self._outstanding += delta
-            if self._outstanding <= 0 and self._size >= COMPACT_AT:
-                os.ftruncate(self.fd, 0)
-                self._size = 0
-                self._outstanding = 0
 
     def close(self) -> None:
         os.close(self.fd)

@@ -1,0 +1,134 @@
+"""The data path's costs, as events counted by the filler: one event per first open at most, none
+for a file once it is filled (committed or not), none for resident files after a cache drop or a
+remount; fill-ahead fills a directory's small stubs and leaves its large ones; a filler killed
+between a fill and its commit leaves the fill to its successor to commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from typing import Callable
+
+from conftest import LoopFS, View, hsmfs
+
+from hsmfs import state
+
+
+def make_tree(root: str, rnd: random.Random, *, dirs: int = 3, files: int = 8, big: int = 0) -> dict[str, bytes]:
+    out = {}
+    for d in range(dirs):
+        os.makedirs(os.path.join(root, f"d{d}"))
+        for i in range(files):
+            rel = f"d{d}/f{i}"
+            out[rel] = rnd.randbytes(rnd.randrange(1, 40000))
+        for i in range(big):
+            out[f"d{d}/big{i}"] = rnd.randbytes((2 << 20) + 5)
+    for rel, data in out.items():
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+    return out
+
+
+def policy(loopfs: LoopFS, text: str) -> str:
+    path = os.path.join(loopfs.base, f"policy-{abs(hash(text))}.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def read(path: str) -> bytes:
+    r = subprocess.run(["cat", path], capture_output=True, timeout=60, check=True)
+    return r.stdout
+
+
+def events(v: View) -> int:
+    return int(v.status()["filler"]["events"])
+
+
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def state_of(v: View, rel: str) -> str:
+    return state.state_in_store(os.path.join(v.store, "tree", rel)).value
+
+
+def test_one_event_per_first_open_none_after(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """No fill-ahead, commits 30 s apart: the first read of each file costs its open's event, and
+    nothing else; reading a filled file again, before its commit, costs nothing."""
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(1))
+    v = make_view(src, "--config", policy(loopfs, "fill_ahead = false\ncommit_interval = 30\n"))
+    for rel, want in data.items():
+        assert read(v.path(rel)) == want
+    assert events(v) == len(data), v.status()["filler"]
+    before = events(v)
+    for rel, want in data.items():
+        for _ in range(3):
+            assert read(v.path(rel)) == want
+    assert events(v) == before, "a filled file raised events before its commit"
+    assert v.status()["filler"]["pending_commit"] == len(data)
+    states = json.loads(hsmfs("stat", "--json", *[v.path(r) for r in data]).stdout)
+    assert {s["state"] for s in states} == {"filled"}
+
+
+def test_fill_ahead_fills_the_directory_small_files_only(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(2), big=1)
+    v = make_view(src, "--config", policy(loopfs, "commit_interval = 0.05\n"))
+    assert read(v.path("d1/f0")) == data["d1/f0"]
+    small = [r for r in data if r.startswith("d1/f")]
+    wait_for(lambda: all(state_of(v, r) == "resident" for r in small), "d1's small files to be filled ahead")
+    assert state_of(v, "d1/big0") == "stub"  # larger than fill_ahead_max_size
+    assert all(state_of(v, r) == "stub" for r in data if not r.startswith("d1/")), "another directory filled"
+    f = v.status()["filler"]
+    assert f["fills"] == 1 and f["ahead_fills"] == len(small) - 1, f
+    before = events(v)
+    for r in small:
+        assert read(v.path(r)) == data[r]
+    assert events(v) == before, "files filled ahead raised events"
+
+
+def test_resident_files_raise_no_event_after_remount_and_cache_drop(loopfs: LoopFS,
+                                                                    make_view: Callable[..., View]) -> None:
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(3))
+    v = make_view(src, "--config", policy(loopfs, "commit_interval = 0.05\n"))
+    for rel in data:
+        read(v.path(rel))
+    wait_for(lambda: v.status()["filler"]["pending_commit"] == 0, "the commits")
+    hsmfs("umount", v.target)
+    v.mounted = False
+    v.mount()
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    for rel, want in data.items():
+        assert read(v.path(rel)) == want
+    assert events(v) == 0, v.status()["filler"]
+
+
+def test_fill_committed_by_the_successor(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """A filler killed after a fill and before its commit: the file is filled and has no mark; the
+    successor finds the fill in the journal and commits it (it becomes resident, not a stub that
+    holds data nobody will ever commit)."""
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(4), dirs=1, files=3)
+    v = make_view(src, "--config", policy(loopfs, "fill_ahead = false\ncommit_interval = 60\n"))
+    assert read(v.path("d0/f1")) == data["d0/f1"]
+    assert state_of(v, "d0/f1") == "stub" and v.status()["filler"]["pending_commit"] == 1
+    with open(f"/run/hsmfs/{v.name}.json") as f:
+        sup = json.load(f)["pid"]
+    with open(f"/proc/{sup}/task/{sup}/children") as f:
+        filler = int(f.read().split()[0])
+    os.kill(filler, signal.SIGKILL)
+    wait_for(lambda: state_of(v, "d0/f1") == "resident", "the successor to commit the fill")
+    assert read(v.path("d0/f1")) == data["d0/f1"]
+    assert "took over 1 fills of a dead filler" in v.log
