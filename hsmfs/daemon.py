@@ -1,7 +1,7 @@
 """The supervisor behind one hsmfs mount: ``python -m hsmfs.daemon``, started by ``hsmfs mount``.
 
 It owns what must outlive a filler crash: the fanotify group (while any process holds it, pending
-events block instead of failing open, kernel-facts §6) and the view. It creates the group, marks
+events block instead of failing open, docs/kernel.md#k6) and the view. It creates the group, marks
 settled files, attaches the marked view, then runs ``python -m hsmfs.filler`` with the group fd and
 restarts it whenever it dies; the successor answers what its predecessor left pending before it
 reads anything new. The supervisor never reads the group and never touches the tree.

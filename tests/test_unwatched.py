@@ -1,4 +1,4 @@
-"""Paths the view's mount mark does not cover still give real bytes (kernel-facts §13, promise 1)."""
+"""Paths the view's mount mark does not cover still give real bytes (docs/kernel.md#k11, promise 1)."""
 
 from __future__ import annotations
 

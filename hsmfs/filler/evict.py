@@ -7,7 +7,7 @@ control socket, the space budget, a full store), or ``hsmfs evict`` on a store n
 1. It is claimed in the filler's in-flight table: a fill never runs beside its eviction, and
    whoever opens it from now on waits for the eviction to end, then for its refill.
 2. The stub mark goes on (``FAN_OPEN_PERM | FAN_PRE_ACCESS``). An open decides when it is made
-   whether its fd raises pre-content events (docs/kernel.md), so from here on every open, through
+   whether its fd raises pre-content events (docs/kernel.md#k3), so from here on every open, through
    any path, asks the filler first. It stays on whatever happens next: no mark ever stands aside
    while a file loses data.
 3. ``F_SETLEASE F_WRLCK``: granted only if no one else has the file open or mapped (a running

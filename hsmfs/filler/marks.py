@@ -2,8 +2,8 @@
 
 - **Every stub carries an inode mark** for ``FAN_OPEN_PERM | FAN_PRE_ACCESS`` (not evictable: it
   pins the inode). An inode mark fires whatever path reached the file: the view, a later mount
-  namespace's copy of it, a bind mount, overlayfs over it, the store itself (docs/kernel.md §
-  "Paths a mount mark misses"). ``FAN_OPEN_PERM`` fills a stub before its opener's first look
+  namespace's copy of it, a bind mount, overlayfs over it, the store itself (docs/kernel.md#k11).
+  ``FAN_OPEN_PERM`` fills a stub before its opener's first look
   (hole-aware copiers ask SEEK_DATA before they read); ``FAN_PRE_ACCESS`` catches what needs no
   open, ``truncate(path)`` of a stub.
 - **A filled, resident, dirty or user's file carries no mark at all**: nothing to fill, nothing to

@@ -1,7 +1,7 @@
 """Taking over from a dead filler: the in-flight journal, the sweep, the replay.
 
 A filler that dies leaves the events it read pending in the kernel, matched by fd number only
-(docs/kernel.md, "Answering"), and their event fds, the files' identities, die with it. So before
+(docs/kernel.md#k7), and their event fds, the files' identities, die with it. So before
 work starts on an event the filler appends ``R <fd> <key hex>`` to ``/run/hsmfs/NAME.journal``
 (key: the file's handle), and ``A <fd>`` once it is answered; several lines go in one write. Its
 successor, before it reads any event (``Filler.take_over``):

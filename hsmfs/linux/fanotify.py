@@ -40,7 +40,7 @@ FAN_NOFD = -1
 FAN_EVENT_METADATA_LEN = 24
 FAN_EVENT_INFO_TYPE_RANGE = 6
 
-# kernel-facts §6: only these errnos are accepted by FAN_DENY_ERRNO on 6.18
+# docs/kernel.md#k7: only these errnos are accepted by FAN_DENY_ERRNO on 6.18
 DENY_ERRNOS = frozenset({1, 5, 11, 16, 26, 28, 122})  # EPERM EIO EAGAIN EBUSY ETXTBSY ENOSPC EDQUOT
 
 _META = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata
@@ -105,5 +105,5 @@ def parse(buf: bytes | memoryview) -> Iterator[Event]:
 
 
 def respond(group: int, fd: int, response: int) -> None:
-    """Answer one permission event. Responses cannot be batched (kernel-facts §10)."""
+    """Answer one permission event. Responses cannot be batched (docs/kernel.md#k7)."""
     os.write(group, _RESPONSE.pack(fd, response))

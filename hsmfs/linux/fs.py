@@ -24,7 +24,7 @@ FS_MAGIC = {
     0xE0F5E1E2: "erofs",
     0x6969: "nfs",
 }
-# kernel-facts §2: only these opt in to pre-content marks (FS_ALLOW_HSM)
+# docs/kernel.md#k2: only these opt in to pre-content marks (FS_ALLOW_HSM)
 HSM_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
 
 
@@ -65,7 +65,7 @@ def take_write_lease(fd: int) -> bool:
 
     While it is held a new open of the file by anyone else blocks (the holder gets SIGIO, which
     hsmfs ignores) until the lease is released by closing fd or :func:`release_lease`. It detects
-    fds, mmaps whose fd was closed and running binaries (kernel-facts §11).
+    fds, mmaps whose fd was closed and running binaries (docs/kernel.md#k10).
     """
     try:
         fcntl.fcntl(fd, F_SETLEASE, F_WRLCK)
@@ -190,7 +190,7 @@ def open_beneath(dirfd: int, path: str, flags: int) -> int:
             os.close(fd)
 
 
-# Shutting a filesystem down as a power cut would (crash tests, kernel-facts: promise 2).
+# Shutting a filesystem down as a power cut would (crash tests, docs/kernel.md#k17).
 # asm-generic/ioctl.h: _IOR(type, nr, size) = READ << 30 | size << 16 | type << 8 | nr
 _IOC_READ = 2
 
