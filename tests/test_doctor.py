@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict
+from typing import Any
 
 import pytest
 from conftest import LoopFS
@@ -65,13 +68,63 @@ def tmpfs_dir(scratch: str) -> Iterator[str]:
 # -- the whole doctor on real filesystems --------------------------------------------------------
 
 
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+
+
+def mounts() -> set[str]:
+    """'ID MOUNTPOINT' of every mount of this mount namespace."""
+    return {" ".join(line.split()[:5:4]) for line in mountinfo().splitlines()}
+
+
+def _run_checks_alone(store: str) -> tuple[list[Check], dict[str, list[str]]]:
+    """run_checks in a forked child in a mount namespace of its own (private propagation).
+
+    Nothing the machine mounts or unmounts meanwhile shows there, so the mounts that came or went
+    while the checks ran are the doctor's. Returns the checks and what changed in the child:
+    file descriptors opened, mounts made, mounts gone.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            out: dict[str, Any] = {}
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"unshare(CLONE_NEWNS) and mount --make-rprivate /: {os.strerror(e)}")
+                fds, before = open_fds(), mounts()
+                checks = run_checks(store)
+                after = mounts()
+                out = {"checks": [asdict(c) for c in checks], "changed": {
+                    "fds opened": sorted(open_fds() - fds), "mounts made": sorted(after - before),
+                    "mounts gone": sorted(before - after)}}
+            except BaseException:
+                out = {"error": traceback.format_exc()}
+            os.write(w, json.dumps(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, wstatus = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wstatus) == 0
+    got = json.loads(data)
+    assert "error" not in got, got.get("error")
+    return [Check(**c) for c in got["checks"]], got["changed"]
+
+
 @pytest.mark.root
 def test_all_ok_on_supported_fs_and_nothing_left_behind(loopfs: LoopFS) -> None:
     store = loopfs.fresh_dir("store")  # mkdtemp: mode 0700, owner root
-    fds, mounts = open_fds(), mountinfo()
-    checks = run_checks(store)
-    assert open_fds() == fds, "a check leaked a file descriptor (fanotify group or open_tree fd)"
-    assert mountinfo() == mounts, "a check left a mount behind"
+    checks, changed = _run_checks_alone(store)
+    assert changed["fds opened"] == [], "a check leaked a file descriptor (fanotify group or open_tree fd)"
+    assert changed["mounts made"] == [], "a check left a mount behind"
+    assert changed["mounts gone"] == [], "a check unmounted something"
     assert [c.name for c in checks] == NAMES
     assert all(c.ok for c in checks), format_checks(checks)
     assert all(c.fix == "" for c in checks)

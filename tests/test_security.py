@@ -280,11 +280,12 @@ def test_default_store_unreachable(loopfs: LoopFS, views: Callable[..., View]) -
     filesystem when /var/lib/hsmfs is on another filesystem)."""
     v = views(make_source(loopfs), mount=False)
     store = os.path.join(STORE_ROOT, v.name)
-    assert not os.path.exists(store)
+    assert not os.path.exists(store), f"{store} exists already (left by an earlier run): rm -r {store}"
+    made_root = not os.path.isdir(STORE_ROOT)
     bound = False
     try:
         if fs_type(STORE_ROOT if os.path.isdir(STORE_ROOT) else os.path.dirname(STORE_ROOT)) != loopfs.fstype:
-            if not os.path.isdir(STORE_ROOT):
+            if made_root:
                 os.mkdir(STORE_ROOT, 0o700)  # as hsmfs mount makes it
             os.mkdir(store, 0o700)
             subprocess.run(["mount", "--bind", loopfs.fresh_dir("default-store"), store], check=True)
@@ -294,7 +295,10 @@ def test_default_store_unreachable(loopfs: LoopFS, views: Callable[..., View]) -
         assert fs_type(store) == loopfs.fstype
         assert v.status()["store"] == store
         st = os.stat(STORE_ROOT)
-        assert stat.S_IMODE(st.st_mode) & 0o077 == 0 and st.st_uid == 0
+        assert stat.S_IMODE(st.st_mode) & 0o077 == 0 and st.st_uid == 0, \
+            (f"{STORE_ROOT} is mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}"
+             + ("" if made_root else f" (so it was on this machine already: chown root: {STORE_ROOT}; chmod 700 "
+                f"{STORE_ROOT})"))
         assert_store_unreachable(store, v, stat_store_denied=True)
     finally:
         v.close()
@@ -302,6 +306,11 @@ def test_default_store_unreachable(loopfs: LoopFS, views: Callable[..., View]) -
             subprocess.run(["umount", store], check=False)
         if not is_mountpoint(store):
             shutil.rmtree(store, ignore_errors=True)
+        if made_root:
+            try:
+                os.rmdir(STORE_ROOT)  # as it was: absent (unless hsmfs was used meanwhile)
+            except OSError:
+                pass
     assert not os.path.exists(store)
 
 

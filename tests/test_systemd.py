@@ -632,8 +632,8 @@ def test_boot_mount_unit_kill_filler_stop(boot: Boot) -> None:
     assert res["after_filler_stop"] == {"filler": "inactive", "result": "success"}, why
     msgs = [(e["prio"], e["msg"]) for e in res["journal"]]
     assert ("6", "hsmfs.systemd: took the group back from the fd store; the view at /srv/data stayed live") in msgs
-    assert [m for p, m in msgs if p == "4" and re.match(r"hsmfs\.filler: took over from a dead filler in \d+ ms: 1 events "
-                                                        "filled and allowed", m)], why
+    took_over = r"hsmfs\.filler: took over from a dead filler in \d+ ms: 1 events filled and allowed"
+    assert [m for p, m in msgs if p == "4" and re.match(took_over, m)], why
     assert not [m for _p, m in msgs if m[:1] == "<" and m[1:2].isdigit()], "unparsed <N> prefixes"
     ours = [(e["prio"], e["msg"]) for e in res["journal"] if e["unit"] in ("hsmfs@srv-data.service", "srv-data.mount")]
     assert ours and not [m for p, m in ours if p in ("0", "1", "2", "3")], f"errors in the journal: {ours}"
