@@ -299,7 +299,7 @@ class Filler:
         adopted = []
         for key, (ctime, users) in fills.items():
             if self.log.get(key) is not None:
-                continue  # committed (or evicted and filled again: then its entry is newer)
+                continue  # its commit reached the state log, not its "C" line
             try:
                 fd = open_handle(self.root_fd, *state.split_key(key), os.O_RDONLY | os.O_NONBLOCK)
             except OSError:
@@ -709,7 +709,13 @@ class Filler:
             log.error("commit of %d files failed: %s; their stub marks are back, and each is compared with the "
                       "source on its next open", len(batch), e)
             self._rearm(batch)
+            if self.journal is not None:
+                self.journal.committed([p.key for p in batch])
             return
+        if self.journal is not None:
+            # before any of them can be evicted (begin_evict waits for the batch): an eviction
+            # removes the state log's entry, and a successor must not commit an old fill then
+            self.journal.committed([p.key for p in batch])
         filled = 0
         faults.pause("commit")
         if self.budget is not None:

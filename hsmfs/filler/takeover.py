@@ -15,7 +15,10 @@ successor, before it reads any event (``Filler.take_over``):
 Events answered at once by the reader thread (files already filled) are not journaled: a crash in
 that window leaves them to the sweep, which answers EAGAIN. A fill appends ``F <key hex> <ctime>
 <users>``: its file has no mark any more, so a successor commits what its predecessor filled and
-did not commit (the state log tells which).
+did not commit. A commit appends ``C <key hex>`` for each file of its batch once the state log has
+it (or once its mark is back, if the commit failed): such a fill is no longer the successor's to
+commit. The state log alone cannot tell: an eviction after the commit removes the file's entry,
+and a stale ``F`` taken for an uncommitted fill would make a punched stub "resident".
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ class Journal:
 
     def pending(self) -> tuple[dict[int, Key], dict[Key, tuple[int, bool]]]:
         """What a predecessor left: events it read and did not answer (fd number -> file key), and
-        files it filled (key -> (ctime right after the fill, whether the file was a user's)),
-        committed or not: the state log tells."""
+        files it filled and did not commit (key -> (ctime right after the fill, whether the file was
+        a user's))."""
         data = os.pread(self.fd, self._size, 0)
         events: dict[int, Key] = {}
         fills: dict[Key, tuple[int, bool]] = {}
@@ -72,6 +75,8 @@ class Journal:
                     events.pop(int(parts[1]), None)
                 elif parts[0] == b"F" and len(parts) == 4:
                     fills[bytes.fromhex(parts[1].decode())] = (int(parts[2]), parts[3] == b"1")
+                elif parts[0] == b"C" and len(parts) == 2:
+                    fills.pop(bytes.fromhex(parts[1].decode()), None)
             except (ValueError, IndexError):
                 continue
         return events, fills
@@ -92,6 +97,10 @@ class Journal:
         """Files filled and not committed yet: a successor commits them (their marks are gone)."""
         self._append(b"".join(b"F %s %d %d\n" % (key.hex().encode(), ctime, users) for key, ctime, users in fills),
                       0)
+
+    def committed(self, keys: list[Key]) -> None:
+        """Fills the committer is done with (in the state log, or their marks back): not to adopt."""
+        self._append(b"".join(b"C %s\n" % key.hex().encode() for key in keys), 0)
 
     def compact(self, *, idle: bool) -> None:
         """Start afresh if nothing is outstanding: no event read and unanswered and, idle, no fill
