@@ -28,6 +28,7 @@ from hsmfs import state, tree
 from hsmfs.control import RuntimeRecord
 from hsmfs.errors import HsmfsError
 from hsmfs.filler.marks import VIEW_MASK, mark_tree
+from hsmfs.filler.takeover import new_session
 from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import setup_logging
@@ -218,6 +219,7 @@ class Supervisor:
 
     def run(self, ready_fd: int) -> int:
         self.group = new_group()
+        new_session(self.store.name)
         mnt_id = attach_view(self.group, self.store, self.target, load_policy(self.config), nsfd=self.nsfd,
                              namespace=self.namespace)
         if self.nsfd is not None:

@@ -45,6 +45,7 @@ from hsmfs import sdnotify, tree
 from hsmfs.control import RUN_DIR, RuntimeRecord
 from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
+from hsmfs.filler.takeover import new_session
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
@@ -222,6 +223,7 @@ class Service:
                 os.makedirs(self.target, mode=0o755, exist_ok=True)
                 if group is None:
                     group = new_group()
+                    new_session(store.name)
                     self.fds.keep_group(group)  # before any mark
                 sdnotify.notify(f"EXTEND_TIMEOUT_USEC={START_EXTENSION_USEC}")
                 mnt_id = attach_view(group, store, self.target, policy)

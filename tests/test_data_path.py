@@ -163,3 +163,26 @@ def test_successor_never_commits_a_fill_evicted_since(loopfs: LoopFS, make_view:
     v.status()  # it answers: its takeover is done
     assert read(v.path("d0/f2")) == data["d0/f2"]
     assert "took over 1 fills" not in v.log, v.log[-3000:]
+
+
+def test_a_new_session_ignores_an_old_journal(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """A journal left by an earlier session (its supervisor killed, its store cut) names fills that
+    may never have reached the disk. A new mount must not commit them: one taken at its word made
+    a stub "dirty" at a ctime it never had, and the stub read as zeros (test_crash's
+    test_cut_during_user_writes saw the "dirty" side of it)."""
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(6), dirs=1, files=2)
+    v = make_view(src, "--config", policy(loopfs, "fill_ahead = false\n"))
+    hsmfs("umount", v.target)
+    v.mounted = False
+    fd = os.open(os.path.join(v.store, "tree", "d0/f1"), os.O_RDONLY)
+    try:
+        key = state.key_of(fd)
+    finally:
+        os.close(fd)
+    with open(f"/run/hsmfs/{v.name}.journal", "w") as f:
+        f.write(f"F {key.hex()} 12345 0\n")
+    v.mount()
+    assert read(v.path("d0/f1")) == data["d0/f1"]
+    assert state_of(v, "d0/f1") in ("stub", "resident")
+    assert "took over" not in v.log

@@ -51,6 +51,25 @@ def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def journal_path(name: str) -> str:
+    from hsmfs.control import RUN_DIR
+
+    return os.path.join(RUN_DIR, name + ".journal")
+
+
+def new_session(name: str) -> None:
+    """Forget a journal left by an earlier session of mount NAME; called by whoever makes a new group.
+
+    A journal speaks of one group: its events died with that group, and its fills may not have
+    reached the disk if the store went down with it (they are stubs again in the state log, and
+    the new session marks them so). Adopting them would record a ctime the file may no longer
+    have, or a "resident" file over holes."""
+    try:
+        os.unlink(journal_path(name))
+    except FileNotFoundError:
+        pass
+
+
 class Journal:
     def __init__(self, path: str) -> None:
         self.path = path
