@@ -456,7 +456,11 @@ def status(
         except (OSError, Busy) as e:
             d["running"] = False
             d["error"] = str(e)
-        d["states"] = tree_summary(rt.store)
+        try:
+            d["states"] = tree_summary(rt.store)
+        except OSError as e:  # a mount made in another mount namespace: its store is not visible here
+            d["states"] = {}
+            d["store_error"] = f"cannot read the store {rt.store}: {e.strerror}"
         out.append(d)
     if as_json:
         print(json.dumps(out, indent=1))
@@ -470,6 +474,8 @@ def status(
             where += f" (unmounted; still serving its tree, also mounted {others})" if others else " (unmounted)"
         print(f"{d['name']}: {escape(d['source'])} -> {escape(where)}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
+        if d.get("store_error"):
+            print(f"  {escape(d['store_error'])} (a store mounted in another mount namespace?)")
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")

@@ -187,3 +187,24 @@ def test_umount_busy_then_lazy(loopfs: LoopFS, make_view: Callable[..., View]) -
         holder.kill()
         holder.wait()
     wait_for(lambda: not os.path.exists(f"/proc/{supervisor}"), what="the supervisor to exit")
+
+
+def test_status_lists_a_mount_whose_store_it_cannot_see(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """/run/hsmfs is shared by every mount namespace, a store's filesystem is not: a mount made in
+    another namespace (or by a test in its own) names a store this one cannot read. `hsmfs status`
+    says so for that mount and still reports the others (it failed with 71 and a bare errno)."""
+    v = make_view(make_source(loopfs.fresh_dir("sup")))
+    with open(f"/run/hsmfs/{v.name}.json") as f:
+        rec = json.load(f)
+    ghost = dict(rec, name=v.name + "-elsewhere", store=os.path.join(loopfs.base, "no-such-store"))
+    path = f"/run/hsmfs/{ghost['name']}.json"
+    with open(path, "w") as f:
+        json.dump(ghost, f)
+    try:
+        r = hsmfs("status")
+        assert f"cannot read the store {ghost['store']}" in r.stdout, r.stdout
+        rows = {d["name"]: d for d in json.loads(hsmfs("status", "--json").stdout)}
+        assert rows[v.name]["running"] and rows[v.name]["states"], rows[v.name]
+        assert rows[ghost["name"]]["states"] == {} and "store_error" in rows[ghost["name"]]
+    finally:
+        os.unlink(path)
