@@ -20,7 +20,7 @@ from hsmfs.views import is_mountpoint
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
-IMAGE_SIZE = 1 << 30  # sparse
+IMAGE_SIZE = 4 << 30  # sparse: what the whole session leaves behind on one filesystem (about 1 GiB on ext4 by now)
 
 
 def _skip_unless_root() -> None:
