@@ -1,4 +1,5 @@
-"""The hsmfs command line (typer). Exceptions become exit codes here and nowhere else."""
+"""The hsmfs command line (typer): commands and printing. Exceptions become exit codes in
+hsmfs.process.run_main, as in every hsmfs process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import logging
 import os
 import re
-import select
 import stat
 import subprocess
 import sys
@@ -23,17 +23,21 @@ from hsmfs.control import RuntimeRecord, request, runtime_records
 from hsmfs.errors import (
     Busy,
     CannotCreate,
+    FillerFailed,
     HsmfsError,
+    Interrupted,
     NotMounted,
     NotPermitted,
     SourceMissing,
     Unavailable,
     UsageError,
+    with_code,
 )
 from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.names import EscapingFormatter, escape
 from hsmfs.policy import load_policy
+from hsmfs.process import run_main, wait_ready
 from hsmfs.trust import UnsafeStore, check_store, open_source_root, weaknesses
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
@@ -185,7 +189,7 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
     check_store(store_dir)  # root's alone, and so is every directory above it (issue 11, item 7)
     try:
         existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
-    except (OSError, tree.RecordError) as e:
+    except OSError as e:  # a damaged one is a RecordError (65); one that is not root's, check_store refused
         raise UnsafeStore(f"store {store_dir}: cannot read its hsmfs.json: {e}",
                           hint="remove the store and mount again: it is built anew") from None
     if existing is not None and existing.source != src:
@@ -315,22 +319,24 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=fds,
                                 start_new_session=True, cwd="/")
     os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        if not select.select([ready], [], [], READY_TIMEOUT)[0]:
-            raise HsmfsError(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
-        line = ready.readline().decode().strip()
-    if line == "ready":
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        word = wait_ready(r, pidfd, READY_TIMEOUT)
+    finally:
+        os.close(pidfd)
+        os.close(r)
+    if word is True:
         where = f"{target} (mount namespace of {namespace.label})" if namespace else target
         print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_path})",
               file=sys.stderr)
         return
+    if word is None and proc.poll() is None:
+        raise FillerFailed(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
     proc.wait()
-    if line.startswith("error "):
-        _, code, msg = line.split(" ", 2)
-        err = HsmfsError(f"the filler could not start: {msg}", hint=f"see {log_path}")
-        err.exit_code = int(code)
-        raise err
-    raise HsmfsError(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_path}")
+    if isinstance(word, HsmfsError):
+        word.hint = word.hint or f"see {log_path}"
+        raise word
+    raise FillerFailed(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_path}")
 
 
 @app.command()
@@ -577,8 +583,8 @@ def refresh(
           f"{len(report['busy'])} in use",
           file=sys.stderr)
     if report["error_code"]:
-        err = HsmfsError(f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
-        err.exit_code = int(report["error_code"])
+        err = with_code(int(report["error_code"]),
+                        f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
         raise err
     if report["errors"]:
         raise typer.Exit(os.EX_IOERR)  # some entries could not be made or removed (each is named)
@@ -597,7 +603,7 @@ def stat_cmd(
     from hsmfs.state import FileState, StateLog, key_at
 
     rows = []
-    failed = False
+    failed = 0  # the exit code
     stores: dict[str, tuple[StateLog, tree.PathTable]] = {}
     records = runtime_records()
     try:
@@ -606,6 +612,7 @@ def stat_cmd(
                 s = os.lstat(p)
                 place = locate(p, records)
                 if place.store not in stores:
+                    tree.Store.load(place.store)  # a damaged hsmfs.json: a DataError (65)
                     stores[place.store] = (StateLog(place.store), tree.PathTable(place.store))
                 log_, table = stores[place.store]
                 rec = tree.read_record(p) if stat.S_ISREG(s.st_mode) else None
@@ -618,7 +625,8 @@ def stat_cmd(
                              "pinned": key is not None and log_.pinned(key),
                              "source": table.get(rec.path_id) if rec is not None else None})
             except (OSError, HsmfsError) as e:
-                failed = True
+                # the first failure's code: 65 for a damaged record, else 66 (the file cannot be read)
+                failed = failed or (e.exit_code if isinstance(e, HsmfsError) else SourceMissing.exit_code)
                 print(f"hsmfs: {escape(p)}: {escape(str(getattr(e, 'strerror', None) or e))}", file=sys.stderr)
     finally:
         for log_, table in stores.values():
@@ -631,7 +639,7 @@ def stat_cmd(
             print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
                   f"{escape(str(r['path']))}")
     if failed:
-        raise typer.Exit(66)
+        raise typer.Exit(failed)
 
 
 def _filled(rt: RuntimeRecord, key: bytes) -> Any:
@@ -738,7 +746,8 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
                 yield f, Outcome(False, NOT_DONE)
             return
         if not reply.get("ok"):
-            raise HsmfsError(f"the filler of {rt.target} refused to evict: {reply.get('error')}")
+            raise with_code(int(reply.get("exit_code", HsmfsError.exit_code)),
+                            f"the filler of {escape(rt.target)} refused to evict: {reply.get('error')}")
         for f, r in zip(batch, reply["results"]):
             yield f, Outcome(bool(r["evicted"]), str(r["reason"]), int(r["freed"]))
 
@@ -942,26 +951,19 @@ def _setup_logging() -> None:
     root.setLevel(logging.WARNING)
 
 
+def _report(e: HsmfsError) -> None:
+    if isinstance(e, Interrupted):
+        print("hsmfs: interrupted", file=sys.stderr)
+        return
+    # a message may have several lines of its own (a policy file's mistakes); each is escaped,
+    # and every name a user chose was escaped where the message was made
+    print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
+
+
 def main() -> None:
     if os.path.basename(sys.argv[0]) == "mount.hsmfs" or os.path.basename(sys.argv[0]).startswith("mount.hsmfs."):
         from hsmfs.mounthelper import main as mount_helper  # /sbin/mount.hsmfs -> hsmfs
 
-        sys.exit(mount_helper(sys.argv[1:]))
+        run_main(lambda: mount_helper(sys.argv[1:]))
     _setup_logging()
-    try:
-        app()
-    except HsmfsError as e:
-        if _debug:
-            raise
-        # a message may have several lines of its own (a policy file's mistakes); each is escaped,
-        # and every name a user chose was escaped where the message was made
-        print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except OSError as e:
-        if _debug:
-            raise
-        print(f"hsmfs: error: {escape(str(e))}", file=sys.stderr)
-        sys.exit(71)  # EX_OSERR
-    except KeyboardInterrupt:
-        print("hsmfs: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(app, report=_report, debug=lambda: _debug)

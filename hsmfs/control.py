@@ -12,7 +12,8 @@ Requests:
   line is limited to 64 KiB). The reply's ``results`` has one ``{"evicted": bool, "reason": str,
   "freed": bytes}`` per handle, in order.
 
-Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``.
+Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``; a failure
+that is an hsmfs error (a damaged stub record) has ``"exit_code"``: the code the command exits with.
 Peers whose SO_PEERCRED uid is not 0 get ``{"ok": false, "error": "root only"}``.
 Runtime records ``/run/hsmfs/NAME.json`` name each running mount (see RuntimeRecord).
 """
@@ -27,6 +28,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
+
+from hsmfs.errors import HsmfsError
 
 RUN_DIR = "/run/hsmfs"
 RECONNECT_WAIT = 15.0  # seconds a client waits for a restarting filler's socket
@@ -136,6 +139,8 @@ class Server:
             with conn:
                 try:
                     self._one(conn)
+                except HsmfsError as e:  # a damaged record met on the way (65), ...
+                    _send(conn, {"ok": False, "error": e.message, "exit_code": e.exit_code})
                 except Exception as e:  # a bad client must not kill the filler
                     _send(conn, {"ok": False, "error": f"internal error: {e}"})
 

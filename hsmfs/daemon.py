@@ -10,7 +10,8 @@ It stops when the view's mount is gone (the mount mark vanishes from the group's
 also covers a lazily detached view whose last user left; SIGTERM unmounts the view) and no other
 mount of the tree is left: a bind mount, a copy in a later mount namespace or an overlay over the
 view reads stubs through inode marks that only live as long as the group (OtherMountsWatch).
-It reports "ready" (or "error CODE MESSAGE") on --ready-fd once the view is live.
+It reports "ready", or the error that stopped it, on --ready-fd (hsmfs.process.ReadyPipe) once the
+view is live.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Optional
 
 from hsmfs import state, tree
 from hsmfs.control import RuntimeRecord
-from hsmfs.errors import HsmfsError
+from hsmfs.errors import FillerFailed, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.marks import VIEW_MASK, mark_tree
 from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy, load_policy
-from hsmfs.process import setup_logging
+from hsmfs.process import ReadyPipe, read_ready, run_main, setup_logging
 from hsmfs.state import StateLog
 from hsmfs.trust import open_source_root
 from hsmfs.views import (
@@ -216,7 +217,7 @@ class Supervisor:
         os.close(w)
         return proc, r
 
-    def run(self, ready_fd: int) -> int:
+    def run(self, ready: ReadyPipe) -> int:
         self.group = new_group()
         mnt_id = attach_view(self.group, self.store, self.target, load_policy(self.config), nsfd=self.nsfd,
                              namespace=self.namespace)
@@ -233,19 +234,18 @@ class Supervisor:
         restarts, backoff = 0, 0.0
         detached = False  # by a SIGTERM
         proc, ready_r = self.start_filler(restarts)
-        ready_sent = False
         proc_ready = False  # whether the running filler reported ready
+        failure: Optional[HsmfsError] = None  # what the running filler reported instead
         try:
             while True:
                 if ready_r >= 0 and _readable(ready_r):
-                    line = os.read(ready_r, 64)
+                    word = read_ready(ready_r)
                     os.close(ready_r)
                     ready_r = -1
-                    proc_ready = line.startswith(b"ready")
-                    if proc_ready and not ready_sent:
-                        os.write(ready_fd, b"ready\n")
-                        os.close(ready_fd)
-                        ready_sent = True
+                    proc_ready = word is True
+                    failure = word if isinstance(word, HsmfsError) else None
+                    if proc_ready and ready.open:
+                        ready.ready()
                 code = proc.poll()
                 alive = view_alive(self.group)
                 if not alive and not others.keep_serving():
@@ -257,12 +257,12 @@ class Supervisor:
                     break
                 if alive and self.terms and not detached:
                     detached = self._try_umount(lazy=self.terms > 1)
-                if code is not None and not ready_sent:
+                if code is not None and ready.open:
                     # never live: take the view away before the group goes, or it would fail open
                     log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
                     detach(self.target, lazy=True, ns=self.ns)
-                    os.write(ready_fd, f"error 70 the filler could not start ({_how(code)})\n".encode())
-                    return 70
+                    raise failure or FillerFailed(f"the filler could not start ({_how(code)})",
+                                                  hint=f"see {self.log_path}")
                 if code is not None:
                     if ready_r >= 0:
                         os.close(ready_r)
@@ -330,25 +330,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--log", default="")
     ap.add_argument("--netns-fd", type=int, help="fd of the network namespace to fetch through (netns = target)")
     args = ap.parse_args(argv)
-    ready_fd: int = args.ready_fd
+    ready = ReadyPipe(args.ready_fd)
     try:
         policy = load_policy(args.config)
         setup_logging(policy.log_level)
         store = tree.Store.load(args.store)
         if store is None:
-            raise HsmfsError(f"{args.store} is not an hsmfs store")
+            raise SourceMissing(f"{args.store} is not an hsmfs store")
         return Supervisor(store, args.target, args.config, args.log, nsfd=args.ns_fd,
-                          namespace=args.namespace, netns_fd=args.netns_fd).run(ready_fd)
-    except (HsmfsError, OSError) as e:
-        code = e.exit_code if isinstance(e, HsmfsError) else 71  # EX_OSERR
-        msg = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"
-        log.error("%s", msg)
-        try:
-            os.write(ready_fd, f"error {code} {msg}\n".encode())
-        except OSError:
-            pass
-        return code
+                          namespace=args.namespace, netns_fd=args.netns_fd).run(ready)
+    except HsmfsError as e:
+        ready.failed(e)  # hsmfs mount reports it; run_main logs it
+        raise
+    except OSError as e:
+        err = SystemCallFailed.of(e)
+        ready.failed(err)
+        raise err from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -44,7 +44,7 @@ from typing import Callable, Optional
 from hsmfs import sdnotify, tree
 from hsmfs.control import RUN_DIR, RuntimeRecord
 from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
-from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
+from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
@@ -228,7 +228,7 @@ class Service:
             os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)  # the in-flight journal lives there
             starts = self.fds.count_start()
             serving = Serving(group, store, self.target, policy, restarts=starts - 1)
-        except (HsmfsError, OSError, tree.RecordError) as e:
+        except (HsmfsError, OSError) as e:
             if group is not None and view_alive(group):
                 # exiting with an error ends the unit (or restarts it): the fd store may go, so the
                 # view must go first
@@ -237,9 +237,9 @@ class Service:
                     detach(self.target, lazy=True)
                 except OSError as d:
                     log.error("cannot unmount %s: %s", self.target, d)
-            code = e.exit_code if isinstance(e, HsmfsError) else 71 if isinstance(e, OSError) else 65
-            log.error("%s", e)
-            return code
+            if isinstance(e, OSError):  # run_main would say the same; the unit ends with 71
+                raise SystemCallFailed.of(e) from None
+            raise  # run_main logs it; its exit code tells systemd whether a restart can help
         rt = RuntimeRecord(name=store.name, pid=os.getpid(), store=store.path, source=store.source,
                            target=self.target, namespace=None, mnt_id=mnt_id, log=f"journalctl -u {self.unit}")
         rt.save()

@@ -71,6 +71,18 @@ def test_package_copy_of_units_is_identical() -> None:
     assert shipped == canonical, "hsmfs/data/units/ must be a copy of units/ (cp units/* hsmfs/data/units/)"
 
 
+def test_restart_prevent_exit_status_is_what_the_errors_say() -> None:
+    """RestartPreventExitStatus= lists exactly the codes of the errors a restart cannot fix."""
+    from hsmfs.errors import restart_prevent_exit_status
+
+    lines = [line for line in (UNITS / "hsmfs@.service").read_text().splitlines()
+             if line.startswith("RestartPreventExitStatus=")]
+    assert len(lines) == 1, lines
+    listed = [int(w) for w in lines[0].split("=", 1)[1].split()]
+    assert listed == restart_prevent_exit_status(), "set RestartPreventExitStatus= to " \
+        + " ".join(map(str, restart_prevent_exit_status()))
+
+
 def test_units_have_no_trailing_comments_or_newer_keys() -> None:
     """'Key=v  # x' makes '# x' part of the value; 254+ keys make 252 warn (and so fail verify)."""
     for p in UNITS.iterdir():
@@ -632,8 +644,8 @@ def test_boot_mount_unit_kill_filler_stop(boot: Boot) -> None:
     assert res["after_filler_stop"] == {"filler": "inactive", "result": "success"}, why
     msgs = [(e["prio"], e["msg"]) for e in res["journal"]]
     assert ("6", "hsmfs.systemd: took the group back from the fd store; the view at /srv/data stayed live") in msgs
-    assert [m for p, m in msgs if p == "4" and re.match(r"hsmfs\.filler: took over from a dead filler in \d+ ms: 1 events "
-                                                        "filled and allowed", m)], why
+    took_over = r"hsmfs\.filler: took over from a dead filler in \d+ ms: 1 events filled and allowed"
+    assert [m for p, m in msgs if p == "4" and re.match(took_over, m)], why
     assert not [m for _p, m in msgs if m[:1] == "<" and m[1:2].isdigit()], "unparsed <N> prefixes"
     ours = [(e["prio"], e["msg"]) for e in res["journal"] if e["unit"] in ("hsmfs@srv-data.service", "srv-data.mount")]
     assert ours and not [m for p, m in ours if p in ("0", "1", "2", "3")], f"errors in the journal: {ours}"
