@@ -33,16 +33,15 @@ from hsmfs.errors import (
     UsageError,
     with_code,
 )
-from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
 from hsmfs.names import EscapingFormatter, escape
+from hsmfs.places import LOG_DIR, STORE_ROOT, default_store, log_path
 from hsmfs.policy import load_policy
 from hsmfs.process import run_main, wait_ready
+from hsmfs.session import new_group
 from hsmfs.trust import UnsafeStore, check_store, open_source_root, weaknesses
 from hsmfs.views import Namespace, is_mountpoint, open_namespace
 
-STORE_ROOT = "/var/lib/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
 READY_TIMEOUT = 120.0
 PATHS_HELP = "Files or directories (recursively) in a view or a store."
 EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
@@ -80,7 +79,7 @@ def _existing_ancestor(path: str) -> str:
 
 def _check_kernel() -> None:
     try:
-        fd = fan.init(fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC, os.O_RDWR | os.O_LARGEFILE)
+        fd = new_group()  # the group a mount makes (hsmfs.session)
     except OSError as e:
         raise Unavailable(f"this kernel ({os.uname().release}) cannot create fanotify pre-content groups: "
                           f"{e.strerror}", hint="hsmfs needs Linux 6.14+ with "
@@ -179,7 +178,7 @@ def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store
         if rt.name == name and rt.alive():
             raise Busy(f"an hsmfs mount named {name} is already running (pid {rt.pid}, at {rt.target})",
                        hint="choose another --name or 'hsmfs umount' it first")
-    store_dir = os.path.abspath(store or os.path.join(STORE_ROOT, name))
+    store_dir = os.path.abspath(store or default_store(name))
     fstype = fs_type(_existing_ancestor(store_dir))
     if fstype not in HSM_FILESYSTEMS:
         raise Unavailable(f"store {store_dir} would be on {fstype}, which does not support fanotify "
@@ -301,10 +300,10 @@ def _populate(src: str, st: tree.Store) -> None:
 def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str], *,
                   netns_fd: Optional[int] = None) -> None:
     os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
-    log_path = os.path.join(LOG_DIR, st.name + ".log")
+    log_file = log_path(st.name)
     r, w = os.pipe2(os.O_CLOEXEC)
     cmd = [sys.executable, "-m", "hsmfs.daemon", "--store", st.path, "--target", target,
-           "--ready-fd", str(w), "--log", log_path]
+           "--ready-fd", str(w), "--log", log_file]
     fds: tuple[int, ...] = (w,)
     if namespace is not None:
         cmd += ["--ns-fd", str(namespace.fd), "--namespace", namespace.label]
@@ -314,8 +313,8 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
     if netns_fd is not None:
         cmd += ["--netns-fd", str(netns_fd)]
         fds += (netns_fd,)
-    with open(log_path, "ab") as logf:
-        os.chmod(log_path, 0o600)
+    with open(log_file, "ab") as logf:
+        os.chmod(log_file, 0o600)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=fds,
                                 start_new_session=True, cwd="/")
     os.close(w)
@@ -327,16 +326,16 @@ def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], c
         os.close(r)
     if word is True:
         where = f"{target} (mount namespace of {namespace.label})" if namespace else target
-        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_path})",
+        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_file})",
               file=sys.stderr)
         return
     if word is None and proc.poll() is None:
-        raise FillerFailed(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
+        raise FillerFailed(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_file}")
     proc.wait()
     if isinstance(word, HsmfsError):
-        word.hint = word.hint or f"see {log_path}"
+        word.hint = word.hint or f"see {log_file}"
         raise word
-    raise FillerFailed(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_path}")
+    raise FillerFailed(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_file}")
 
 
 @app.command()

@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from hsmfs.errors import HsmfsError
+from hsmfs.places import RUN_DIR, journal_path, record_path, socket_path
+from hsmfs.tree import atomic_write
 
-RUN_DIR = "/run/hsmfs"
 RECONNECT_WAIT = 15.0  # seconds a client waits for a restarting filler's socket
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -56,14 +57,10 @@ class RuntimeRecord:
 
     def save(self) -> None:
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-        path = os.path.join(RUN_DIR, self.name + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(self), f)
-        os.rename(path + ".tmp", path)
+        atomic_write(record_path(self.name), json.dumps(asdict(self)).encode())
 
     def remove(self) -> None:
-        for p in (os.path.join(RUN_DIR, self.name + ".json"), self.socket,
-                  os.path.join(RUN_DIR, self.name + ".journal")):
+        for p in (record_path(self.name), self.socket, journal_path(self.name)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -77,10 +74,6 @@ class RuntimeRecord:
         except OSError:
             return False
         return b"hsmfs.daemon" in argv or (b"hsmfs.filler" in argv and b"--systemd" in argv)
-
-
-def socket_path(name: str) -> str:
-    return os.path.join(RUN_DIR, name + ".sock")
 
 
 def runtime_records() -> list[RuntimeRecord]:

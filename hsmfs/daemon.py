@@ -29,9 +29,9 @@ from hsmfs import state, tree
 from hsmfs.control import RuntimeRecord
 from hsmfs.errors import FillerFailed, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.marks import VIEW_MASK, mark_tree
-from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy, load_policy
 from hsmfs.process import ReadyPipe, read_ready, run_main, setup_logging
+from hsmfs.session import new_group
 from hsmfs.state import StateLog
 from hsmfs.trust import open_source_root
 from hsmfs.views import (
@@ -48,11 +48,6 @@ from hsmfs.views import (
 
 log = logging.getLogger("hsmfs.daemon")
 
-GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
-    | fan.FAN_UNLIMITED_MARKS
-# read-only: a reader on a read-only mount (overlayfs's lower layer) must get an event fd too; the
-# filler writes through its own clone of the tree instead (hsmfs.filler.marks.private_root)
-EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 POLL = 0.2  # seconds between looks at the filler and the view
 OTHERS_POLL = 1.0  # seconds between looks for other mounts of the tree, once the view is gone
 BACKOFF_MAX = 5.0
@@ -136,11 +131,6 @@ def end_session(store: tree.Store) -> None:
     fresh = tree.Store.load(store.path) or store
     fresh.mounted = False
     fresh.save()
-
-
-def new_group() -> int:
-    """The fanotify group of one hsmfs mount (whoever holds it keeps pending events blocked)."""
-    return fan.init(GROUP_FLAGS, EVENT_FLAGS)
 
 
 def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, nsfd: Optional[int] = None,

@@ -27,15 +27,12 @@ from hsmfs.linux import caps, fanotify
 from hsmfs.linux import fs as linux_fs
 from hsmfs.linux import mount as linux_mount
 from hsmfs.names import escape
+from hsmfs.session import new_group
 
 MIN_KERNEL = (6, 14)
 MIN_PYTHON = (3, 9)
 FANOTIFY_SYSCTL_DIR = "/proc/sys/fs/fanotify"
 
-# What a filler's group is made with (kernel-facts §4, §7): the doctor makes the same one.
-GROUP_FLAGS = (fanotify.FAN_CLASS_PRE_CONTENT | fanotify.FAN_CLOEXEC | fanotify.FAN_UNLIMITED_QUEUE
-               | fanotify.FAN_UNLIMITED_MARKS)
-EVENT_F_FLAGS = os.O_RDWR | os.O_LARGEFILE
 
 _SUPPORTED = "ext4, xfs or btrfs"
 _ROOT_FIX = "run as root: sudo hsmfs doctor"
@@ -337,7 +334,7 @@ def _probe_pre_content_mark(path: str) -> tuple[str, int]:
     closing it drops the mark (and would allow anything pending, §6).
     """
     try:
-        group = fanotify.init(GROUP_FLAGS, EVENT_F_FLAGS)
+        group = new_group()  # the filler's own (hsmfs.session)
     except OSError as e:
         return "init", e.errno or 0
     try:

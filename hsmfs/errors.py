@@ -6,7 +6,7 @@ with ``--debug`` (and, for an error that is not one of these, in the log, as a b
 
 ``restart_cannot_fix`` marks the failures that starting the same process again cannot fix (a bad
 policy, a damaged store, a missing kernel feature): ``RestartPreventExitStatus=`` of
-units/hsmfs@.service lists exactly their codes (:func:`restart_prevent_exit_status`; a test checks).
+hsmfs/data/units/hsmfs@.service lists exactly their codes (:func:`restart_prevent_exit_status`; a test checks).
 
 A process that fails for another (its parent, waiting for "ready") sends the error itself, not
 text to parse: :func:`to_wire` and :func:`from_wire` (hsmfs.process.ReadyPipe).

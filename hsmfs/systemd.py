@@ -42,19 +42,19 @@ from importlib.resources import files
 from typing import Callable, Optional
 
 from hsmfs import sdnotify, tree
-from hsmfs.control import RUN_DIR, RuntimeRecord
-from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
+from hsmfs.control import RuntimeRecord
+from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing, SystemCallFailed
+from hsmfs.places import RUN_DIR, STORE_ROOT, UNIT_PARAMS_DIR
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
+from hsmfs.session import new_group
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
 
-STORE_ROOT = "/var/lib/hsmfs"
-PARAMS_DIR = "/run/hsmfs/units"
 TEMPLATE = "hsmfs@.service"
-DEFAULT_PYTHON = "/usr/bin/python3"  # what units/hsmfs@.service runs; install-units puts in sys.executable
+DEFAULT_PYTHON = "/usr/bin/python3"  # what hsmfs/data/units/hsmfs@.service runs; install-units puts in sys.executable
 POLL = 0.2  # seconds between looks at the view
 START_EXTENSION_USEC = 10 * 60 * 1_000_000  # marking a large tree may outlast TimeoutStartSec=
 
@@ -122,15 +122,12 @@ class Params:
 
 
 def params_path(mountpoint: str) -> str:
-    return os.path.join(PARAMS_DIR, escape_path(mountpoint) + ".json")
+    return os.path.join(UNIT_PARAMS_DIR, escape_path(mountpoint) + ".json")
 
 
 def write_params(mountpoint: str, params: Params) -> None:
-    os.makedirs(PARAMS_DIR, mode=0o700, exist_ok=True)
-    path = params_path(mountpoint)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"store": params.store, "config": params.config}, f)
-    os.rename(path + ".tmp", path)
+    os.makedirs(UNIT_PARAMS_DIR, mode=0o700, exist_ok=True)
+    tree.atomic_write(params_path(mountpoint), json.dumps({"store": params.store, "config": params.config}).encode())
 
 
 def read_params(mountpoint: str) -> Params:
@@ -341,10 +338,7 @@ def install_units(root: str = "/", *, python: Optional[str] = None, script: Opti
     for name, text in sorted(unit_files().items()):
         text = text.replace(f"ExecStart={DEFAULT_PYTHON} ", f"ExecStart={_quote(python)} ")
         path = os.path.join(unit_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.chmod(path + ".tmp", 0o644)
-        os.rename(path + ".tmp", path)
+        tree.atomic_write(path, text.encode(), mode=0o644)
         done.append(f"installed {path}")
     sbin = os.path.join(root, "sbin")
     os.makedirs(sbin, mode=0o755, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from hsmfs.places import journal_path, log_path, record_path
 from hsmfs.views import is_mountpoint
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
@@ -122,14 +123,14 @@ class View:
 
     @property
     def log(self) -> str:
-        with open(f"/var/log/hsmfs/{self.name}.log") as f:
+        with open(log_path(self.name)) as f:
             return f.read()
 
     def close(self) -> None:
         if self.mounted:
             r = hsmfs("umount", self.target, check=False)
             if r.returncode != 0:  # leave nothing behind even when a test broke the mount
-                rt = os.path.join("/run/hsmfs", self.name + ".json")
+                rt = record_path(self.name)
                 if os.path.exists(rt):
                     with open(rt) as f:
                         pid = json.load(f)["pid"]
@@ -144,7 +145,7 @@ class View:
             self.mounted = False
         if os.path.isdir(self.target) and not is_mountpoint(self.target):
             os.rmdir(self.target)
-        for leftover in (f"/var/log/hsmfs/{self.name}.log", f"/run/hsmfs/{self.name}.journal"):
+        for leftover in (log_path(self.name), journal_path(self.name)):
             try:
                 os.unlink(leftover)
             except FileNotFoundError:
@@ -201,7 +202,7 @@ def views(loopfs: LoopFS, make_view: Callable[..., View]) -> Iterator[Callable[.
         for v in made:
             v.close()  # make_view closes them again, harmlessly
             try:
-                os.unlink(os.path.join("/run/hsmfs", v.name + ".journal"))
+                os.unlink(journal_path(v.name))
             except FileNotFoundError:
                 pass
 

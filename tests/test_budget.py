@@ -31,6 +31,7 @@ import pytest
 from conftest import LoopFS, View, hsmfs
 
 from hsmfs import state, tree
+from hsmfs.places import record_path
 from hsmfs.views import is_mountpoint
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -516,7 +517,7 @@ def test_bad_budget_policy_changes_nothing(loopfs: LoopFS, tmp_path: Any, key: s
         assert f"{cfg}:2: {key}: {message}" in r.stderr, r.stderr
         assert not os.path.exists(store)
         assert not is_mountpoint(target) and os.listdir(target) == []
-        assert not os.path.exists(f"/run/hsmfs/{name}.json")
+        assert not os.path.exists(record_path(name))
         assert name not in hsmfs("status", "--json").stdout
     finally:
         if is_mountpoint(target):

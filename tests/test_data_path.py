@@ -16,6 +16,7 @@ from typing import Callable
 from conftest import LoopFS, View, hsmfs
 
 from hsmfs import state
+from hsmfs.places import record_path
 
 
 def make_tree(root: str, rnd: random.Random, *, dirs: int = 3, files: int = 8, big: int = 0) -> dict[str, bytes]:
@@ -124,7 +125,7 @@ def test_fill_committed_by_the_successor(loopfs: LoopFS, make_view: Callable[...
     v = make_view(src, "--config", policy(loopfs, "fill_ahead = false\ncommit_interval = 60\n"))
     assert read(v.path("d0/f1")) == data["d0/f1"]
     assert state_of(v, "d0/f1") == "stub" and v.status()["filler"]["pending_commit"] == 1
-    with open(f"/run/hsmfs/{v.name}.json") as f:
+    with open(record_path(v.name)) as f:
         sup = json.load(f)["pid"]
     with open(f"/proc/{sup}/task/{sup}/children") as f:
         filler = int(f.read().split()[0])

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hsmfs.places import default_store, log_path
 from hsmfs.views import is_mountpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_first_line_mounts_a_lazy_view(isolated_bin: str) -> None:
     assert m, line
     source, target = m.groups()
     assert not is_mountpoint(target), f"{target} is mounted already; unmount it to run this test"
-    store = "/var/lib/hsmfs/" + target.strip("/").replace("/", "-")
+    store = default_store(target.strip("/").replace("/", "-"))
     assert not os.path.exists(store), f"{store} exists already; remove it to run this test"
     made_target = not os.path.exists(target)
     env = dict(os.environ, PATH=isolated_bin + os.pathsep + os.environ["PATH"])
@@ -75,6 +76,6 @@ def test_first_line_mounts_a_lazy_view(isolated_bin: str) -> None:
         shutil.rmtree(store, ignore_errors=True)
         if made_target and os.path.isdir(target):
             os.rmdir(target)
-        log = "/var/log/hsmfs/" + os.path.basename(store) + ".log"
+        log = log_path(os.path.basename(store))
         if os.path.exists(log):
             os.unlink(log)

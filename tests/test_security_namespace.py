@@ -17,6 +17,8 @@ import pytest
 from conftest import LoopFS, View, hsmfs
 from test_view import make_source, sha
 
+from hsmfs.places import record_path
+
 NOBODY = 65534
 
 
@@ -106,7 +108,7 @@ def test_namespace_of_another_user_namespace_refused(loopfs: LoopFS, make_view: 
     assert "another user namespace" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(v.store), "a refused mount created its store"
     assert not _mounted_in(holder.pid, v.target)
-    assert not os.path.exists(f"/run/hsmfs/{v.name}.json")
+    assert not os.path.exists(record_path(v.name))
 
 
 def test_bad_namespace_arguments(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
@@ -133,7 +135,7 @@ def test_view_ends_with_its_namespace(loopfs: LoopFS, make_view: Callable[..., V
     holder = holders(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
     v = make_view(src, "--namespace", str(holder.pid), mount=False)
     v.mount()
-    with open(f"/run/hsmfs/{v.name}.json") as f:
+    with open(record_path(v.name)) as f:
         supervisor = json.load(f)["pid"]
     # the target path in that namespace names it too, when it names one view only
     status = json.loads(hsmfs("status", "--json", v.target).stdout)

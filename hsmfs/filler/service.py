@@ -13,10 +13,11 @@ import os
 from typing import Any, Optional
 
 from hsmfs import state, tree
-from hsmfs.control import RUN_DIR, Server
+from hsmfs.control import Server
 from hsmfs.filler.core import Filler
 from hsmfs.filler.marks import private_root
 from hsmfs.filler.takeover import Journal
+from hsmfs.places import RUN_DIR, journal_path
 from hsmfs.policy import Policy
 from hsmfs.sources import Source
 from hsmfs.sources.local import LocalSource
@@ -49,7 +50,7 @@ class Serving:
         self.log = state.StateLog(store.path, writable=True)
         self.root_fd = private_root(group, store.tree)
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-        self.journal = Journal(os.path.join(RUN_DIR, store.name + ".journal"))
+        self.journal = Journal(journal_path(store.name))
         self.filler = Filler(group, self.root_fd, store.tree, self.paths, self.log, self.source, policy, self.journal)
         self.filler.take_over()
         self.server = Server(store.name, self.handle)
