@@ -126,6 +126,13 @@ class Interrupted(HsmfsError):
     exit_code = 130
 
 
+def need_root(what: str) -> None:
+    """NotPermitted unless this process runs as root; what: the command, "hsmfs mount"."""
+    if os.geteuid() != 0:
+        raise NotPermitted(f"{what} needs root (CAP_SYS_ADMIN for mounts and fanotify)",
+                           hint=f"run it as root: sudo hsmfs {what.split()[-1]} ...")
+
+
 def describe_oserror(e: OSError) -> str:
     """An OSError as one line that names the file(s) it was about: "open /x/y: No such file or directory"."""
     what = e.strerror or str(e)

@@ -7,7 +7,7 @@ systemd is its supervisor (docs/systemd.md). On start it
 1. takes the fanotify group back from the unit's fd store (``LISTEN_FDNAMES=group``) if a dead
    predecessor left it there, else creates it and stores it at once (``FDSTORE=1``), before any
    mark: from then on a crash keeps pending events blocked instead of letting readers through;
-2. attaches the view (marks, detached clone, move_mount; hsmfs.daemon.attach_view) unless the
+2. attaches the view (marks, detached clone, move_mount; hsmfs.session.attach_view) unless the
    group's view is still there;
 3. answers what a dead predecessor left pending (Filler.take_over), then serves;
 4. sends ``READY=1``, ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``, and on SIGTERM
@@ -15,7 +15,7 @@ systemd is its supervisor (docs/systemd.md). On start it
 
 It exits 0 by itself when the view is unmounted behind its back (``umount``, ``hsmfs umount``)
 and no other mount of the tree (a bind mount, a later namespace's copy, an overlay) is left: those
-read stubs through marks that go with the group (hsmfs.daemon.OtherMountsWatch).
+read stubs through marks that go with the group (hsmfs.session.OtherMountsWatch).
 A handled failure never exits with the view mounted: the fd store is dropped when the unit stops,
 and a view whose group is gone shows stubs' holes as data.
 
@@ -43,12 +43,11 @@ from typing import Callable, Optional
 
 from hsmfs import sdnotify, tree
 from hsmfs.control import RuntimeRecord
-from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, view_alive
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.places import RUN_DIR, STORE_ROOT, UNIT_PARAMS_DIR
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
-from hsmfs.session import new_group
+from hsmfs.session import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
