@@ -41,6 +41,8 @@ READY_TIMEOUT = 120.0
 PATHS_HELP = "Files or directories (recursively) in a view or a store."
 EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
 NOT_DONE = "not done: its filler restarted; run hsmfs evict again"
+# how hsmfs stat names a state where its one word (--json's) says too little
+STATE_WORDS = {"filled": "filled, commit pending"}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Lazy views of a source tree: stubs filled on first access (fanotify pre-content).")
@@ -222,7 +224,12 @@ def status(
         except (OSError, Busy) as e:
             d["running"] = False
             d["error"] = str(e)
-        d["states"] = tree_summary(rt.store)
+        try:
+            d["states"] = tree_summary(rt.store)
+        except OSError:
+            if name is None and not rt.alive():
+                continue  # it ended while we looked (its store may be gone with it)
+            raise
         out.append(d)
     if as_json:
         print(json.dumps(out, indent=1))
@@ -248,8 +255,10 @@ def status(
         f = d.get("filler")
         if f:
             lat = f["fill_latency_ms"]
+            latency = "no fills yet" if lat.get("p50") is None else \
+                f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms"
             print(f"  events {f['events']}, fills {f['fills']} ({_size(f['fill_bytes'])}), errors {f['fill_errors']}, "
-                  f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms, queue overflows {f['overflows']}")
+                  f"{latency}, queue overflows {f['overflows']}")
             print(f"  evictions {f['evictions']} ({_size(f['evicted_bytes'])} freed), store full {f['enospc']} times")
             if f.get("hash_failures"):
                 print(f"  HASH FAILURES {f['hash_failures']} (fetched bytes that were not the published ones: see "
@@ -396,7 +405,8 @@ def stat_cmd(
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
+            shown = STATE_WORDS.get(str(r["state"]), str(r["state"]))
+            print(f"{shown:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
                   f"{escape(str(r['path']))}")
     if failed:
         raise typer.Exit(failed)
