@@ -49,6 +49,8 @@ from hsmfs.linux.fs import shutdown, shutdown_supported, syncfs
 from hsmfs.places import LOG_DIR, RUN_DIR
 from hsmfs.views import is_mountpoint
 
+pytestmark = pytest.mark.root  # loop mounts, shutdown ioctls, fanotify
+
 # -- the source: on the root filesystem, never on the store's ----------------------------------------
 
 @dataclass

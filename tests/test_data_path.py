@@ -9,11 +9,11 @@ import json
 import os
 import random
 import signal
-import subprocess
-import time
 from typing import Callable
 
 from conftest import LoopFS, View, hsmfs
+from helpers import cat as read
+from helpers import wait_for
 
 from hsmfs import state
 from hsmfs.places import record_path
@@ -41,20 +41,8 @@ def policy(loopfs: LoopFS, text: str) -> str:
     return path
 
 
-def read(path: str) -> bytes:
-    r = subprocess.run(["cat", path], capture_output=True, timeout=60, check=True)
-    return r.stdout
-
-
 def events(v: View) -> int:
     return int(v.status()["filler"]["events"])
-
-
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def state_of(v: View, rel: str) -> str:

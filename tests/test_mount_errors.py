@@ -158,6 +158,7 @@ def test_not_root(setup: tuple[str, str, str]) -> None:
     assert_unchanged(target, store, "e-user")
 
 
+@pytest.mark.root
 def test_umount_of_nothing() -> None:
     err = refused(66, "umount", "/nonexistent/view")
     assert "no running hsmfs mount" in err

@@ -44,6 +44,7 @@ def isolated_bin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield os.path.join(d, "bin")
 
 
+@pytest.mark.root
 def test_first_line_mounts_a_lazy_view(isolated_bin: str) -> None:
     line = quick_start()[0]
     m = re.search(r"hsmfs mount (\S+) (\S+)$", line)

@@ -13,10 +13,9 @@ from conftest import LoopFS, View, hsmfs
 from hsmfs.places import RUN_DIR
 
 
+@pytest.mark.root
 def test_status_with_nothing_running_is_one_line() -> None:
     """In a mount namespace of its own, with an empty /run/hsmfs: one line, newline-terminated."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a private mount namespace with a tmpfs over /run/hsmfs")
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                         f'mount -t tmpfs -o mode=0700 hsmfs-test "{RUN_DIR}" && exec "$0" -m hsmfs status',
