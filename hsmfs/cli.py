@@ -27,6 +27,7 @@ from hsmfs.errors import (
     SourceMissing,
     Unavailable,
     UsageError,
+    describe_oserror,
     need_root,
     with_code,
 )
@@ -226,10 +227,14 @@ def status(
             d["error"] = str(e)
         try:
             d["states"] = tree_summary(rt.store)
-        except OSError:
-            if name is None and not rt.alive():
+        except OSError as e:
+            if name is not None:
+                raise
+            if not rt.alive():
                 continue  # it ended while we looked (its store may be gone with it)
-            raise
+            # its store is not visible here (a mount namespace of its own?): the others are still listed
+            d["states"] = {}
+            d["store_error"] = describe_oserror(e)
         out.append(d)
     if as_json:
         print(json.dumps(out, indent=1))
@@ -243,6 +248,8 @@ def status(
             where += f" (unmounted; still serving its tree, also mounted {others})" if others else " (unmounted)"
         print(f"{d['name']}: {escape(d['source'])} -> {escape(where)}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
+        if d.get("store_error"):
+            print(f"  store: {escape(d['store_error'])}")
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")
