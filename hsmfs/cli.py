@@ -1,4 +1,5 @@
-"""The hsmfs command line (typer). Exceptions become exit codes here and nowhere else."""
+"""The hsmfs command line (typer): commands and printing. Exceptions become exit codes in
+hsmfs.process.run_main, as in every hsmfs process."""
 
 from __future__ import annotations
 
@@ -6,43 +7,43 @@ import errno
 import json
 import logging
 import os
-import re
-import select
 import stat
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
 
 import typer
 
-from hsmfs import tree
+from hsmfs import mounting, tree
 from hsmfs.control import RuntimeRecord, request, runtime_records
 from hsmfs.errors import (
     Busy,
-    CannotCreate,
     HsmfsError,
+    Interrupted,
     NotMounted,
-    NotPermitted,
     SourceMissing,
     Unavailable,
     UsageError,
+    describe_oserror,
+    need_root,
+    with_code,
 )
-from hsmfs.linux import fanotify as fan
-from hsmfs.linux.fs import HSM_FILESYSTEMS, fs_type
+from hsmfs.mounting import fetch_netns
 from hsmfs.names import EscapingFormatter, escape
+from hsmfs.names import human_size as _size
+from hsmfs.places import STORE_ROOT
 from hsmfs.policy import load_policy
-from hsmfs.trust import UnsafeStore, check_store, open_source_root, weaknesses
-from hsmfs.views import Namespace, is_mountpoint, open_namespace
+from hsmfs.process import run_main
 
-STORE_ROOT = "/var/lib/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
 READY_TIMEOUT = 120.0
 PATHS_HELP = "Files or directories (recursively) in a view or a store."
 EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
 NOT_DONE = "not done: its filler restarted; run hsmfs evict again"
+# how hsmfs stat names a state where its one word (--json's) says too little
+STATE_WORDS = {"filled": "filled, commit pending"}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Lazy views of a source tree: stubs filled on first access (fanotify pre-content).")
@@ -53,35 +54,6 @@ _debug = False
 def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     global _debug
     _debug = debug
-
-
-def _need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise NotPermitted(f"{what} needs root (CAP_SYS_ADMIN for mounts and fanotify)",
-                           hint=f"run it as root: sudo hsmfs {what.split()[-1]} ...")
-
-
-def default_name(target: str) -> str:
-    """The mount name derived from the target path: /mnt/doc -> mnt-doc."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.abspath(target).strip("/").replace("/", "-"))
-    return name.lstrip(".") or "root"
-
-
-def _existing_ancestor(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _check_kernel() -> None:
-    try:
-        fd = fan.init(fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC, os.O_RDWR | os.O_LARGEFILE)
-    except OSError as e:
-        raise Unavailable(f"this kernel ({os.uname().release}) cannot create fanotify pre-content groups: "
-                          f"{e.strerror}", hint="hsmfs needs Linux 6.14+ with "
-                          "CONFIG_FANOTIFY_ACCESS_PERMISSIONS=y; run 'hsmfs doctor'") from None
-    os.close(fd)
 
 
 def _find(target_or_name: str) -> RuntimeRecord:
@@ -119,218 +91,23 @@ def mount(
     Builds the stub tree in the store if it is not there yet (resuming an interrupted build),
     starts the filler in the background and returns once the view is live.
     """
-    ns = open_namespace(namespace) if namespace is not None else None
-    netns_fd: Optional[int] = None
-    try:
-        st, tgt = prepare_mount(source, target, name=name, store=store, config=config, namespace=ns)
-        if tree.is_remote(st.source) and ns is not None and load_policy(config).netns == "target":
-            netns_fd = fetch_netns(load_policy(config), ns)[0]
-        _start_daemon(st, tgt, ns, config, netns_fd=netns_fd)
-    finally:
-        if ns is not None:
-            os.close(ns.fd)
-        if netns_fd is not None:
-            os.close(netns_fd)
+    mounting.mount(source, target, name=name, store=store, config=config, namespace=namespace,
+             progress=_populate_bar if sys.stderr.isatty() else None)
 
 
-def prepare_mount(source: str, target: str, *, name: Optional[str] = None, store: Optional[str] = None,
-                  config: Optional[str] = None, namespace: Optional[Namespace] = None) -> tuple[tree.Store, str]:
-    """Everything ``hsmfs mount`` does before it starts the filler: checks, store, stub tree.
+@contextmanager
+def _populate_bar() -> Iterator[Callable[[int, int], None]]:
+    """The bar hsmfs mount shows on a terminal while it builds the stub tree."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    Returns the store and the resolved target (with namespace, a path in that namespace).
-    mount.hsmfs calls it too (hsmfs.mounthelper).
-    """
-    _need_root("hsmfs mount")
-    policy = load_policy(config)  # a bad policy fails here, before anything changes
-    remote = tree.is_remote(source)
-    if remote:
-        from hsmfs.remote import normalize
+    with Progress(TextColumn("stubs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("populate", total=None)
 
-        src = normalize(source)
-    else:
-        src = os.path.abspath(source)
-        if not os.path.isdir(src):
-            raise SourceMissing(f"source {src} is not a directory" if os.path.exists(src)
-                                else f"source {src} does not exist", hint="give an existing directory as SOURCE")
-        if not os.access(src, os.R_OK | os.X_OK):
-            raise SourceMissing(f"source {src} is not readable")
-    name = name or default_name(target)
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
-        raise UsageError(f"mount name {name!r} may only hold letters, digits, '.', '_' and '-'")
-    tgt = target
-    if namespace is None:
-        # a symlink on the way that a user owns could point anywhere (/etc/cron.d): not followed
-        theirs = [w for w in weaknesses(target, itself=False)[1] if w.symlink]
-        if theirs:
-            raise CannotCreate(f"target {escape(target)} leads through a symlink that is not root's: "
-                               + "; ".join(map(str, theirs)), hint="give the target's real path")
-        tgt = os.path.realpath(target)
-        if not os.path.exists(tgt):
-            raise CannotCreate(f"target {tgt} does not exist", hint=f"create it first: mkdir -p {tgt}")
-        if not os.path.isdir(tgt):
-            raise CannotCreate(f"target {tgt} is not a directory")
-        if is_mountpoint(tgt):
-            raise Busy(f"target {tgt} is already a mount point", hint=f"unmount it first: hsmfs umount {tgt}")
-    for rt in runtime_records():
-        if rt.name == name and rt.alive():
-            raise Busy(f"an hsmfs mount named {name} is already running (pid {rt.pid}, at {rt.target})",
-                       hint="choose another --name or 'hsmfs umount' it first")
-    store_dir = os.path.abspath(store or os.path.join(STORE_ROOT, name))
-    fstype = fs_type(_existing_ancestor(store_dir))
-    if fstype not in HSM_FILESYSTEMS:
-        raise Unavailable(f"store {store_dir} would be on {fstype}, which does not support fanotify "
-                          "pre-content marks", hint="put the store on ext4, xfs or btrfs: --store DIR")
-    if not remote and (src == store_dir or src.startswith(store_dir + os.sep) or store_dir.startswith(src + os.sep)):
-        raise UsageError(f"the store {store_dir} and the source {src} must not contain each other")
-    check_store(store_dir)  # root's alone, and so is every directory above it (issue 11, item 7)
-    try:
-        existing = tree.Store.load(store_dir) if os.path.isdir(store_dir) else None
-    except (OSError, tree.RecordError) as e:
-        raise UnsafeStore(f"store {store_dir}: cannot read its hsmfs.json: {e}",
-                          hint="remove the store and mount again: it is built anew") from None
-    if existing is not None and existing.source != src:
-        raise UsageError(f"store {store_dir} holds a tree of {existing.source}, not {src}",
-                         hint="use another --name or --store for a different source")
-    if existing is None and os.path.isdir(store_dir) and os.listdir(store_dir):
-        raise CannotCreate(f"store {store_dir} exists, is not empty and is not an hsmfs store",
-                           hint="give an empty or new directory as --store")
-    _check_kernel()
-    fetched = None
-    if remote and (existing is None or not existing.populated):
-        fetched = _fetch_manifest(src, policy, namespace)  # a bad manifest or origin: nothing made yet
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
 
-    st = existing or tree.Store(path=store_dir, name=name, source=src)
-    recorded = st.source_id
-    if not remote:
-        os.close(open_source_root(st))  # the directory the store was built from, or now records
-    if existing is None:
-        if store is None and not os.path.isdir(STORE_ROOT):
-            os.makedirs(STORE_ROOT, mode=0o700)  # the default store root is root's alone
-        os.makedirs(store_dir, mode=0o700, exist_ok=True)
-        os.chmod(store_dir, 0o700)
-        check_store(store_dir)  # a directory above it made meanwhile by someone else: nothing to trust
-        st.save()
-    elif recorded is None and not remote:
-        st.save()  # a store made before hsmfs recorded its source's identity
-    if st.schema != tree.SCHEMA:
-        from hsmfs.state import upgrade
-
-        n = upgrade(st)
-        print(f"hsmfs: upgraded the store {escape(st.path)} from hsmfs 0.1 ({n} stub records rewritten)",
-              file=sys.stderr)
-    if not st.populated and fetched is not None:
-        _populate_manifest(fetched, st)
-    elif not st.populated:
-        _populate(src, st)
-    return st, tgt
-
-
-def fetch_netns(policy: Any, namespace: Optional[Namespace]) -> tuple[Optional[int], str]:
-    """(fd of the network namespace fetches go through, its label) for the policy's netns; UsageError
-    if it names none. netns = "target" takes the network namespace of the --namespace process."""
-    from hsmfs.netns import open_netns
-
-    if policy.netns == "target":
-        if namespace is None:
-            return None, "host"  # the view is in our own namespaces
-        from hsmfs.linux.ns import net_ns_of_pid
-
-        m = re.fullmatch(r"pid (\d+)|/proc/(\d+)/ns/mnt", namespace.label)
-        if m is None:
-            raise UsageError(f'netns = "target" needs --namespace PID (or /proc/PID/ns/mnt), not {namespace.label}',
-                             hint="or name the network namespace itself in the policy: netns = NAME or PATH")
-        pid = int(m.group(1) or m.group(2))
-        try:
-            return net_ns_of_pid(pid), f"target (pid {pid})"
-        except OSError as e:
-            raise UsageError(f"--namespace {namespace.label}: cannot open its network namespace: {e.strerror}") \
-                from None
-    return open_netns(policy.netns), policy.netns
-
-
-def _fetch_manifest(src: str, policy: Any, namespace: Optional[Namespace]) -> Any:
-    from hsmfs.netns import NetNamespace
-    from hsmfs.remote import fetch_manifest
-
-    fd, label = fetch_netns(policy, namespace)
-    ns = NetNamespace(fd, label)
-    try:
-        return fetch_manifest(src, policy, ns)[0]
-    finally:
-        ns.close()
-        if fd is not None:
-            os.close(fd)
-
-
-def _populate_manifest(m: Any, st: tree.Store) -> None:
-    from hsmfs.stubs import populate_manifest
-
-    stats = populate_manifest(m, st)
-    print(f"stub tree of {escape(st.source)} (version {m.id[:12]}): {stats.files} files, {stats.dirs} directories, "
-          f"{stats.symlinks} symlinks, {stats.hardlinks} hardlinks ({_size(stats.bytes)} at the origin)",
-          file=sys.stderr)
-
-
-def _populate(src: str, st: tree.Store) -> None:
-    from hsmfs.populate import populate
-
-    if not sys.stderr.isatty():
-        stats = populate(src, st)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("stubs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      transient=True) as bar:
-            task = bar.add_task("populate", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            stats = populate(src, st, progress=progress)
-    left = "".join(f"; {n} {what}" for n, what in (
-        (stats.vanished, "names vanished or changed while populate read the source (left out, named above)"),
-        (stats.submounts, "mount points left out (populate does not cross them)")) if n)
-    print(f"stub tree of {escape(src)}: {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks "
-          f"({_size(stats.bytes)} in the source){left}", file=sys.stderr)
-
-
-def _start_daemon(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str], *,
-                  netns_fd: Optional[int] = None) -> None:
-    os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
-    log_path = os.path.join(LOG_DIR, st.name + ".log")
-    r, w = os.pipe2(os.O_CLOEXEC)
-    cmd = [sys.executable, "-m", "hsmfs.daemon", "--store", st.path, "--target", target,
-           "--ready-fd", str(w), "--log", log_path]
-    fds: tuple[int, ...] = (w,)
-    if namespace is not None:
-        cmd += ["--ns-fd", str(namespace.fd), "--namespace", namespace.label]
-        fds += (namespace.fd,)
-    if config:
-        cmd += ["--config", os.path.abspath(config)]
-    if netns_fd is not None:
-        cmd += ["--netns-fd", str(netns_fd)]
-        fds += (netns_fd,)
-    with open(log_path, "ab") as logf:
-        os.chmod(log_path, 0o600)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=fds,
-                                start_new_session=True, cwd="/")
-    os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        if not select.select([ready], [], [], READY_TIMEOUT)[0]:
-            raise HsmfsError(f"the filler did not report ready within {READY_TIMEOUT:.0f} s; see {log_path}")
-        line = ready.readline().decode().strip()
-    if line == "ready":
-        where = f"{target} (mount namespace of {namespace.label})" if namespace else target
-        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_path})",
-              file=sys.stderr)
-        return
-    proc.wait()
-    if line.startswith("error "):
-        _, code, msg = line.split(" ", 2)
-        err = HsmfsError(f"the filler could not start: {msg}", hint=f"see {log_path}")
-        err.exit_code = int(code)
-        raise err
-    raise HsmfsError(f"the filler exited ({proc.returncode}) before the view was live", hint=f"see {log_path}")
+        yield progress
 
 
 @app.command()
@@ -340,7 +117,7 @@ def umount(
                               "the detached view until its last user is gone."),
 ) -> None:
     """Unmount a view and stop its filler."""
-    _need_root("hsmfs umount")
+    need_root("hsmfs umount")
     rt = _find(target)
     reply = request(rt.name, {"op": "umount", "lazy": lazy})
     others = ", ".join(escape(m) for m in reply.get("other_mounts") or [])
@@ -401,14 +178,6 @@ def _holders(path: str) -> list[str]:
     return out
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def tree_summary(store: str) -> dict[str, dict[str, int]]:
     """Files and bytes by state, from the store tree (records, state log, allocated blocks).
 
@@ -438,7 +207,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Running mounts: files and bytes by state, events served, fill latency."""
-    _need_root("hsmfs status")
+    need_root("hsmfs status")
     recs = [_find(name)] if name else runtime_records()
     out: list[dict[str, Any]] = []
     for rt in recs:
@@ -458,9 +227,14 @@ def status(
             d["error"] = str(e)
         try:
             d["states"] = tree_summary(rt.store)
-        except OSError as e:  # a mount made in another mount namespace: its store is not visible here
+        except OSError as e:
+            if name is not None:
+                raise
+            if not rt.alive():
+                continue  # it ended while we looked (its store may be gone with it)
+            # its store is not visible here (a mount namespace of its own?): the others are still listed
             d["states"] = {}
-            d["store_error"] = f"cannot read the store {rt.store}: {e.strerror}"
+            d["store_error"] = describe_oserror(e)
         out.append(d)
     if as_json:
         print(json.dumps(out, indent=1))
@@ -475,7 +249,7 @@ def status(
         print(f"{d['name']}: {escape(d['source'])} -> {escape(where)}  supervisor pid {d['pid']}, filler pid "
               f"{d.get('filler_pid')} ({d.get('restarts')} restarts) {'running' if d['running'] else 'NOT RESPONDING'}")
         if d.get("store_error"):
-            print(f"  {escape(d['store_error'])} (a store mounted in another mount namespace?)")
+            print(f"  store: {escape(d['store_error'])}")
         for state, v in d["states"].items():
             print(f"  {state:<10} {v['files']:>8} files  {_size(v['bytes']):>10}  "
                   f"({_size(v['resident_bytes'])} on disk)")
@@ -488,8 +262,10 @@ def status(
         f = d.get("filler")
         if f:
             lat = f["fill_latency_ms"]
+            latency = "no fills yet" if lat.get("p50") is None else \
+                f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms"
             print(f"  events {f['events']}, fills {f['fills']} ({_size(f['fill_bytes'])}), errors {f['fill_errors']}, "
-                  f"fill latency p50 {lat['p50']} ms p99 {lat['p99']} ms, queue overflows {f['overflows']}")
+                  f"{latency}, queue overflows {f['overflows']}")
             print(f"  evictions {f['evictions']} ({_size(f['evicted_bytes'])} freed), store full {f['enospc']} times")
             if f.get("hash_failures"):
                 print(f"  HASH FAILURES {f['hash_failures']} (fetched bytes that were not the published ones: see "
@@ -547,7 +323,7 @@ def refresh(
     overwritten. Exit 0; 75 if some files were in use (a later refresh does them); 74 if some
     entries could not be made or removed (each is named).
     """
-    _need_root("hsmfs refresh")
+    need_root("hsmfs refresh")
     if os.path.isfile(os.path.join(target, "hsmfs.json")):
         from hsmfs.refresh import refresh_offline
 
@@ -583,8 +359,8 @@ def refresh(
           f"{len(report['busy'])} in use",
           file=sys.stderr)
     if report["error_code"]:
-        err = HsmfsError(f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
-        err.exit_code = int(report["error_code"])
+        err = with_code(int(report["error_code"]),
+                        f"refresh failed: {report['errors'][0] if report['errors'] else ''}")
         raise err
     if report["errors"]:
         raise typer.Exit(os.EX_IOERR)  # some entries could not be made or removed (each is named)
@@ -603,7 +379,7 @@ def stat_cmd(
     from hsmfs.state import FileState, StateLog, key_at
 
     rows = []
-    failed = False
+    failed = 0  # the exit code
     stores: dict[str, tuple[StateLog, tree.PathTable]] = {}
     records = runtime_records()
     try:
@@ -612,6 +388,7 @@ def stat_cmd(
                 s = os.lstat(p)
                 place = locate(p, records)
                 if place.store not in stores:
+                    tree.Store.load(place.store)  # a damaged hsmfs.json: a DataError (65)
                     stores[place.store] = (StateLog(place.store), tree.PathTable(place.store))
                 log_, table = stores[place.store]
                 rec = tree.read_record(p) if stat.S_ISREG(s.st_mode) else None
@@ -624,7 +401,8 @@ def stat_cmd(
                              "pinned": key is not None and log_.pinned(key),
                              "source": table.get(rec.path_id) if rec is not None else None})
             except (OSError, HsmfsError) as e:
-                failed = True
+                # the first failure's code: 65 for a damaged record, else 66 (the file cannot be read)
+                failed = failed or (e.exit_code if isinstance(e, HsmfsError) else SourceMissing.exit_code)
                 print(f"hsmfs: {escape(p)}: {escape(str(getattr(e, 'strerror', None) or e))}", file=sys.stderr)
     finally:
         for log_, table in stores.values():
@@ -634,10 +412,11 @@ def stat_cmd(
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['state']:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
+            shown = STATE_WORDS.get(str(r["state"]), str(r["state"]))
+            print(f"{shown:<10} {'pinned' if r['pinned'] else '':<6} {r['size']:>12} {r['resident_bytes']:>12}  "
                   f"{escape(str(r['path']))}")
     if failed:
-        raise typer.Exit(66)
+        raise typer.Exit(failed)
 
 
 def _filled(rt: RuntimeRecord, key: bytes) -> Any:
@@ -687,7 +466,7 @@ def evict(
     from hsmfs.filler.evict import FILLING, IN_USE, Outcome
     from hsmfs.process import ignore_lease_breaks
 
-    _need_root("hsmfs evict")
+    need_root("hsmfs evict")
     work = _files(paths)
     stores = {place.store: _offline_store(place.store) for place, _ in work if place.running is None}
     if stores:
@@ -744,7 +523,8 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
                 yield f, Outcome(False, NOT_DONE)
             return
         if not reply.get("ok"):
-            raise HsmfsError(f"the filler of {rt.target} refused to evict: {reply.get('error')}")
+            raise with_code(int(reply.get("exit_code", HsmfsError.exit_code)),
+                            f"the filler of {escape(rt.target)} refused to evict: {reply.get('error')}")
         for f, r in zip(batch, reply["results"]):
             yield f, Outcome(bool(r["evicted"]), str(r["reason"]), int(r["freed"]))
 
@@ -752,8 +532,8 @@ def _evict_through(rt: RuntimeRecord, files: list[Any]) -> Iterator[tuple[Any, A
 def _evict_here(st: tree.Store, files: list[Any]) -> Iterator[tuple[Any, Any]]:
     """Evict files of a store that no running mount serves (no group, so no marks to change)."""
     from hsmfs.filler.evict import BATCH, IN_USE, Evictor, Outcome
-    from hsmfs.filler.service import store_source
     from hsmfs.policy import Policy
+    from hsmfs.sources.store import store_source
     from hsmfs.state import StateLog
 
     # a remote store's objects are fetched (host network) only to compare an unverified file
@@ -802,7 +582,7 @@ def _offline_store(path: str) -> tree.Store:
 def _pin(paths: list[str], pinned: bool) -> None:
     from hsmfs.state import OP_PIN, OP_UNPIN, StateLog, key_at
 
-    _need_root("hsmfs pin" if pinned else "hsmfs unpin")
+    need_root("hsmfs pin" if pinned else "hsmfs unpin")
     changed = same = 0
     for place, files in _files(paths):
         log_ = StateLog(place.store, writable=True)
@@ -855,7 +635,7 @@ def prefetch(
 
     from hsmfs.state import FileState, StateLog, key_at
 
-    _need_root("hsmfs prefetch")
+    need_root("hsmfs prefetch")
     todo = []
     resident = 0
     for place, files in _files(paths):
@@ -934,7 +714,7 @@ def install_units(
     from hsmfs.systemd import install_units as install
 
     if os.path.realpath(root) == "/":
-        _need_root("hsmfs install-units")
+        need_root("hsmfs install-units")
     for line in install(root):
         print(f"hsmfs: {line}", file=sys.stderr)
 
@@ -948,26 +728,19 @@ def _setup_logging() -> None:
     root.setLevel(logging.WARNING)
 
 
+def _report(e: HsmfsError) -> None:
+    if isinstance(e, Interrupted):
+        print("hsmfs: interrupted", file=sys.stderr)
+        return
+    # a message may have several lines of its own (a policy file's mistakes); each is escaped,
+    # and every name a user chose was escaped where the message was made
+    print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
+
+
 def main() -> None:
     if os.path.basename(sys.argv[0]) == "mount.hsmfs" or os.path.basename(sys.argv[0]).startswith("mount.hsmfs."):
         from hsmfs.mounthelper import main as mount_helper  # /sbin/mount.hsmfs -> hsmfs
 
-        sys.exit(mount_helper(sys.argv[1:]))
+        run_main(lambda: mount_helper(sys.argv[1:]))
     _setup_logging()
-    try:
-        app()
-    except HsmfsError as e:
-        if _debug:
-            raise
-        # a message may have several lines of its own (a policy file's mistakes); each is escaped,
-        # and every name a user chose was escaped where the message was made
-        print("hsmfs: error: " + "\n".join(escape(line) for line in str(e).split("\n")), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except OSError as e:
-        if _debug:
-            raise
-        print(f"hsmfs: error: {escape(str(e))}", file=sys.stderr)
-        sys.exit(71)  # EX_OSERR
-    except KeyboardInterrupt:
-        print("hsmfs: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(app, report=_report, debug=lambda: _debug)

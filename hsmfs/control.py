@@ -12,7 +12,8 @@ Requests:
   line is limited to 64 KiB). The reply's ``results`` has one ``{"evicted": bool, "reason": str,
   "freed": bytes}`` per handle, in order.
 
-Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``.
+Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "message", "errno": N}``; a failure
+that is an hsmfs error (a damaged stub record) has ``"exit_code"``: the code the command exits with.
 Peers whose SO_PEERCRED uid is not 0 get ``{"ok": false, "error": "root only"}``.
 Runtime records ``/run/hsmfs/NAME.json`` name each running mount (see RuntimeRecord).
 """
@@ -28,7 +29,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
-RUN_DIR = "/run/hsmfs"
+from hsmfs.errors import HsmfsError
+from hsmfs.places import RUN_DIR, journal_path, record_path, socket_path
+from hsmfs.tree import atomic_write
+
 RECONNECT_WAIT = 15.0  # seconds a client waits for a restarting filler's socket
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -53,14 +57,10 @@ class RuntimeRecord:
 
     def save(self) -> None:
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-        path = os.path.join(RUN_DIR, self.name + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(self), f)
-        os.rename(path + ".tmp", path)
+        atomic_write(record_path(self.name), json.dumps(asdict(self)).encode())
 
     def remove(self) -> None:
-        for p in (os.path.join(RUN_DIR, self.name + ".json"), self.socket,
-                  os.path.join(RUN_DIR, self.name + ".journal")):
+        for p in (record_path(self.name), self.socket, journal_path(self.name)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -74,10 +74,6 @@ class RuntimeRecord:
         except OSError:
             return False
         return b"hsmfs.daemon" in argv or (b"hsmfs.filler" in argv and b"--systemd" in argv)
-
-
-def socket_path(name: str) -> str:
-    return os.path.join(RUN_DIR, name + ".sock")
 
 
 def runtime_records() -> list[RuntimeRecord]:
@@ -136,6 +132,8 @@ class Server:
             with conn:
                 try:
                     self._one(conn)
+                except HsmfsError as e:  # a damaged record met on the way (65), ...
+                    _send(conn, {"ok": False, "error": e.message, "exit_code": e.exit_code})
                 except Exception as e:  # a bad client must not kill the filler
                     _send(conn, {"ok": False, "error": f"internal error: {e}"})
 

@@ -1,7 +1,7 @@
 """The supervisor behind one hsmfs mount: ``python -m hsmfs.daemon``, started by ``hsmfs mount``.
 
 It owns what must outlive a filler crash: the fanotify group (while any process holds it, pending
-events block instead of failing open, docs/kernel.md#k6) and the view. It creates the group, marks
+events block instead of failing open, kernel-facts §6) and the view. It creates the group, marks
 settled files, attaches the marked view, then runs ``python -m hsmfs.filler`` with the group fd and
 restarts it whenever it dies; the successor answers what its predecessor left pending before it
 reads anything new. The supervisor never reads the group and never touches the tree.
@@ -10,7 +10,8 @@ It stops when the view's mount is gone (the mount mark vanishes from the group's
 also covers a lazily detached view whose last user left; SIGTERM unmounts the view) and no other
 mount of the tree is left: a bind mount, a copy in a later mount namespace or an overlay over the
 view reads stubs through inode marks that only live as long as the group (OtherMountsWatch).
-It reports "ready" (or "error CODE MESSAGE") on --ready-fd once the view is live.
+It reports "ready", or the error that stopped it, on --ready-fd (hsmfs.process.ReadyPipe) once the
+view is live.
 """
 
 from __future__ import annotations
@@ -24,161 +25,19 @@ import sys
 import time
 from typing import Optional
 
-from hsmfs import state, tree
+from hsmfs import tree
 from hsmfs.control import RuntimeRecord
-from hsmfs.errors import HsmfsError
-from hsmfs.filler.marks import VIEW_MASK, mark_tree
+from hsmfs.errors import FillerFailed, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.takeover import new_session
-from hsmfs.linux import fanotify as fan
-from hsmfs.policy import Policy, load_policy
-from hsmfs.process import setup_logging
-from hsmfs.state import StateLog
-from hsmfs.trust import open_source_root
-from hsmfs.views import (
-    attach,
-    detach,
-    find_namespace,
-    marked_mount,
-    ns_inode,
-    open_target,
-    other_mounts,
-    remote_restrictions,
-    view_restrictions,
-)
+from hsmfs.policy import load_policy
+from hsmfs.process import ReadyPipe, read_ready, run_main, setup_logging
+from hsmfs.session import OtherMountsWatch, attach_view, end_session, namespace_alive, new_group, view_alive
+from hsmfs.views import detach, ns_inode
 
 log = logging.getLogger("hsmfs.daemon")
 
-GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
-    | fan.FAN_UNLIMITED_MARKS
-# read-only: a reader on a read-only mount (overlayfs's lower layer) must get an event fd too; the
-# filler writes through its own clone of the tree instead (hsmfs.filler.marks.private_root)
-EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 POLL = 0.2  # seconds between looks at the filler and the view
-OTHERS_POLL = 1.0  # seconds between looks for other mounts of the tree, once the view is gone
 BACKOFF_MAX = 5.0
-
-
-def namespace_alive(inode: int) -> bool:
-    fd = find_namespace(inode)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
-def view_alive(group: int) -> bool:
-    """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
-    return marked_mount(group) is not None
-
-
-class OtherMountsWatch:
-    """Once the view is gone: whether another mount of the tree still needs the group.
-
-    A bind mount of the view, its copy in a later mount namespace or an overlay over it reads
-    stubs through their inode marks, which go with the group (docs/unwatched.md). Looked for at
-    most every OTHERS_POLL seconds (a scan reads every namespace's mountinfo); logs what is found.
-    """
-
-    def __init__(self, tree: str, target: str, view_ns: int) -> None:
-        self.tree = tree
-        self.target = target
-        self.view_ns = view_ns
-        self.next = 0.0
-        self.last: Optional[list[str]] = None
-
-    def keep_serving(self) -> bool:
-        now = time.monotonic()
-        if now < self.next:
-            return True
-        self.next = now + OTHERS_POLL
-        try:
-            found = [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns)]
-        except (OSError, ValueError) as e:  # never give the group up on a guess
-            log.error("cannot look for other mounts of %s (%s); still serving", self.tree, e)
-            return True
-        if found != self.last:
-            if found:
-                log.warning("view %s is gone, but its tree is still mounted %s: still serving until they are "
-                            "unmounted", self.target, ", ".join(found))
-            elif self.last:
-                log.info("the last other mount of the tree of %s is gone", self.target)
-            self.last = found
-        return bool(found)
-
-
-def begin_session(store: tree.Store) -> int:
-    """Record that a session serves the store; after an unclean end, distrust resident files.
-
-    fdatasync and O_DSYNC make a user's bytes durable but not the ctime that tells a resident
-    file was written: after a crash a "resident" file may hide user data. The state log is
-    rewritten with such files "unverified" (durably, before anything is served): they are
-    compared with the source before they are evicted. Returns how many there were.
-    """
-    log_ = StateLog(store.path, writable=True)
-    try:
-        downgraded = 0
-        if store.mounted:
-            downgraded = sum(1 for e in log_.states.values() if e.op == state.OP_RESIDENT)
-            log_.compact(distrust=True)
-            log.warning("the last session of %s ended uncleanly: %d resident files will be compared with the "
-                        "source before they are evicted", store.path, downgraded)
-        else:
-            log_.compact()
-    finally:
-        log_.close()
-    store.mounted = True
-    store.save()
-    return downgraded
-
-
-def end_session(store: tree.Store) -> None:
-    """After a clean stop (every fill committed): resident records can be trusted again."""
-    fresh = tree.Store.load(store.path) or store
-    fresh.mounted = False
-    fresh.save()
-
-
-def new_group() -> int:
-    """The fanotify group of one hsmfs mount (whoever holds it keeps pending events blocked)."""
-    return fan.init(GROUP_FLAGS, EVENT_FLAGS)
-
-
-def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, nsfd: Optional[int] = None,
-                namespace: Optional[str] = None) -> int:
-    """Mark the tree, then attach the marked view at target; returns the view's mount id.
-
-    With a space budget the view is strictatime: the budget's recency is the inodes' atime.
-    Shared by the supervisor and the systemd service (hsmfs.systemd).
-    """
-    if tree.is_remote(store.source):
-        # no source mount to ask: nosuid and nodev unless the policy allows them (a manifest has no
-        # device nodes; its setuid bits are the publisher's)
-        restrict = remote_restrictions(allow_suid=policy.allow_suid)
-    else:
-        src = open_source_root(store)  # the directory the store was built from, not whatever is there now
-        try:
-            restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
-        finally:
-            os.close(src)
-    # the target's directory itself, before anything changes: a symlink put on its path since
-    # hsmfs mount checked it is refused, never followed (views.open_target)
-    tfd = open_target(target) if nsfd is None else None
-    try:
-        begin_session(store)
-        log_ = StateLog(store.path)
-        try:
-            stubs, settled = mark_tree(group, store.tree, log_)
-        finally:
-            log_.close()
-        mnt_id = attach(group, store.tree, target, VIEW_MASK, nsfd=nsfd, target_fd=tfd, restrict=restrict,
-                        strictatime=policy.max_resident_bytes > 0)
-    finally:
-        if tfd is not None:
-            os.close(tfd)
-    where = f"{target} in namespace {namespace}" if namespace else target
-    log.info("view of %s live at %s (mount id %d; %d stubs marked, %d files settled)", store.source,
-             where, mnt_id, stubs, settled)
-    return mnt_id
 
 
 class Supervisor:
@@ -217,7 +76,7 @@ class Supervisor:
         os.close(w)
         return proc, r
 
-    def run(self, ready_fd: int) -> int:
+    def run(self, ready: ReadyPipe) -> int:
         self.group = new_group()
         new_session(self.store.name)
         mnt_id = attach_view(self.group, self.store, self.target, load_policy(self.config), nsfd=self.nsfd,
@@ -235,19 +94,18 @@ class Supervisor:
         restarts, backoff = 0, 0.0
         detached = False  # by a SIGTERM
         proc, ready_r = self.start_filler(restarts)
-        ready_sent = False
         proc_ready = False  # whether the running filler reported ready
+        failure: Optional[HsmfsError] = None  # what the running filler reported instead
         try:
             while True:
                 if ready_r >= 0 and _readable(ready_r):
-                    line = os.read(ready_r, 64)
+                    word = read_ready(ready_r)
                     os.close(ready_r)
                     ready_r = -1
-                    proc_ready = line.startswith(b"ready")
-                    if proc_ready and not ready_sent:
-                        os.write(ready_fd, b"ready\n")
-                        os.close(ready_fd)
-                        ready_sent = True
+                    proc_ready = word is True
+                    failure = word if isinstance(word, HsmfsError) else None
+                    if proc_ready and ready.open:
+                        ready.ready()
                 code = proc.poll()
                 alive = view_alive(self.group)
                 if not alive and not others.keep_serving():
@@ -259,12 +117,12 @@ class Supervisor:
                     break
                 if alive and self.terms and not detached:
                     detached = self._try_umount(lazy=self.terms > 1)
-                if code is not None and not ready_sent:
+                if code is not None and ready.open:
                     # never live: take the view away before the group goes, or it would fail open
                     log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
                     detach(self.target, lazy=True, ns=self.ns)
-                    os.write(ready_fd, f"error 70 the filler could not start ({_how(code)})\n".encode())
-                    return 70
+                    raise failure or FillerFailed(f"the filler could not start ({_how(code)})",
+                                                  hint=f"see {self.log_path}")
                 if code is not None:
                     if ready_r >= 0:
                         os.close(ready_r)
@@ -332,25 +190,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--log", default="")
     ap.add_argument("--netns-fd", type=int, help="fd of the network namespace to fetch through (netns = target)")
     args = ap.parse_args(argv)
-    ready_fd: int = args.ready_fd
+    ready = ReadyPipe(args.ready_fd)
     try:
         policy = load_policy(args.config)
         setup_logging(policy.log_level)
         store = tree.Store.load(args.store)
         if store is None:
-            raise HsmfsError(f"{args.store} is not an hsmfs store")
+            raise SourceMissing(f"{args.store} is not an hsmfs store")
         return Supervisor(store, args.target, args.config, args.log, nsfd=args.ns_fd,
-                          namespace=args.namespace, netns_fd=args.netns_fd).run(ready_fd)
-    except (HsmfsError, OSError) as e:
-        code = e.exit_code if isinstance(e, HsmfsError) else 71  # EX_OSERR
-        msg = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}"
-        log.error("%s", msg)
-        try:
-            os.write(ready_fd, f"error {code} {msg}\n".encode())
-        except OSError:
-            pass
-        return code
+                          namespace=args.namespace, netns_fd=args.netns_fd).run(ready)
+    except HsmfsError as e:
+        ready.failed(e)  # hsmfs mount reports it; run_main logs it
+        raise
+    except OSError as e:
+        err = SystemCallFailed.of(e)
+        ready.failed(err)
+        raise err from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

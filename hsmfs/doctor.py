@@ -27,15 +27,12 @@ from hsmfs.linux import caps, fanotify
 from hsmfs.linux import fs as linux_fs
 from hsmfs.linux import mount as linux_mount
 from hsmfs.names import escape
+from hsmfs.session import new_group
 
 MIN_KERNEL = (6, 14)
 MIN_PYTHON = (3, 9)
 FANOTIFY_SYSCTL_DIR = "/proc/sys/fs/fanotify"
 
-# What a filler's group is made with (docs/kernel.md#k4, #k8): the doctor makes the same one.
-GROUP_FLAGS = (fanotify.FAN_CLASS_PRE_CONTENT | fanotify.FAN_CLOEXEC | fanotify.FAN_UNLIMITED_QUEUE
-               | fanotify.FAN_UNLIMITED_MARKS)
-EVENT_F_FLAGS = os.O_RDWR | os.O_LARGEFILE
 
 _SUPPORTED = "ext4, xfs or btrfs"
 _ROOT_FIX = "run as root: sudo hsmfs doctor"
@@ -220,7 +217,7 @@ def check_mount_api(probe_dir: str) -> Check:
 
 
 def check_store_privacy(store_dir: str) -> Check:
-    """Ordinary users must not reach the store: stubs read there are zeros with no event (docs/kernel.md#k11)."""
+    """Ordinary users must not reach the store: stubs read there are zeros with no event (§13)."""
     store = os.path.abspath(store_dir)
     try:
         st = os.stat(store)
@@ -333,11 +330,11 @@ def _probe_pre_content_mark(path: str) -> tuple[str, int]:
     """Make a filler-like group and put a FAN_PRE_ACCESS inode mark on path, then close the group.
 
     Returns ("ok", 0), ("init", errno) or ("mark", errno). No FAN_EVENT_ON_CHILD and a directory
-    raises no pre-content events of its own (docs/kernel.md#k1), so nobody can block on this group;
-    closing it drops the mark (and would allow anything pending, docs/kernel.md#k6).
+    raises no pre-content events of its own (kernel-facts §1), so nobody can block on this group;
+    closing it drops the mark (and would allow anything pending, §6).
     """
     try:
-        group = fanotify.init(GROUP_FLAGS, EVENT_F_FLAGS)
+        group = new_group()  # the filler's own (hsmfs.session)
     except OSError as e:
         return "init", e.errno or 0
     try:

@@ -90,4 +90,6 @@ def collect(paths: list[str]) -> list[tuple[Place, list[File]]]:
     """Every path located first (a bad one fails before anything is done), then their files."""
     records = runtime_records()
     places = [(p, locate(p, records)) for p in paths]
+    for store in dict.fromkeys(place.store for _, place in places):
+        tree.Store.load(store)  # a damaged hsmfs.json: a DataError (65) before anything is done
     return [(place, list(walk(p, place))) for p, place in places]

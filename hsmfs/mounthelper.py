@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hsmfs import sdnotify
-from hsmfs.cli import mount, prepare_mount
 from hsmfs.errors import ConfigError, HsmfsError, NotPermitted, UsageError
+from hsmfs.mounting import mount, prepare_mount
 from hsmfs.names import EscapingFormatter
 from hsmfs.process import JournalFormatter, journal_stderr
 from hsmfs.systemd import Params, service_name, write_params

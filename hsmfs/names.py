@@ -71,3 +71,12 @@ class EscapingFormatter(logging.Formatter):
             return super().formatMessage(record)
         finally:
             record.message = saved
+
+
+def human_size(n: float) -> str:
+    """Bytes for people: 1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -567,8 +567,8 @@ def refresh_offline(store: tree.Store, policy: Optional[Policy] = None, *, netns
                     netns_label: str = "host") -> Report:
     """Refresh a store no mount serves (no group: the next session marks the new stubs); fetches go
     through the network namespace netns_fd (the caller's fd, not closed here)."""
-    from hsmfs.filler.service import store_source
     from hsmfs.policy import Policy
+    from hsmfs.sources.store import store_source
 
     policy = policy or Policy()
     source = store_source(store, policy, netns_fd=netns_fd, netns_label=netns_label, watch_routes=False)

@@ -7,7 +7,7 @@ systemd is its supervisor (docs/systemd.md). On start it
 1. takes the fanotify group back from the unit's fd store (``LISTEN_FDNAMES=group``) if a dead
    predecessor left it there, else creates it and stores it at once (``FDSTORE=1``), before any
    mark: from then on a crash keeps pending events blocked instead of letting readers through;
-2. attaches the view (marks, detached clone, move_mount; hsmfs.daemon.attach_view) unless the
+2. attaches the view (marks, detached clone, move_mount; hsmfs.session.attach_view) unless the
    group's view is still there;
 3. answers what a dead predecessor left pending (Filler.take_over), then serves;
 4. sends ``READY=1``, ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``, and on SIGTERM
@@ -15,7 +15,7 @@ systemd is its supervisor (docs/systemd.md). On start it
 
 It exits 0 by itself when the view is unmounted behind its back (``umount``, ``hsmfs umount``)
 and no other mount of the tree (a bind mount, a later namespace's copy, an overlay) is left: those
-read stubs through marks that go with the group (hsmfs.daemon.OtherMountsWatch).
+read stubs through marks that go with the group (hsmfs.session.OtherMountsWatch).
 A handled failure never exits with the view mounted: the fd store is dropped when the unit stops,
 and a view whose group is gone shows stubs' holes as data.
 
@@ -42,20 +42,19 @@ from importlib.resources import files
 from typing import Callable, Optional
 
 from hsmfs import sdnotify, tree
-from hsmfs.control import RUN_DIR, RuntimeRecord
-from hsmfs.daemon import OtherMountsWatch, attach_view, end_session, new_group, view_alive
-from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing
+from hsmfs.control import RuntimeRecord
+from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.takeover import new_session
+from hsmfs.places import RUN_DIR, STORE_ROOT, UNIT_PARAMS_DIR
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
+from hsmfs.session import OtherMountsWatch, attach_view, end_session, new_group, view_alive
 from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
 
 log = logging.getLogger("hsmfs.systemd")
 
-STORE_ROOT = "/var/lib/hsmfs"
-PARAMS_DIR = "/run/hsmfs/units"
 TEMPLATE = "hsmfs@.service"
-DEFAULT_PYTHON = "/usr/bin/python3"  # what units/hsmfs@.service runs; install-units puts in sys.executable
+DEFAULT_PYTHON = "/usr/bin/python3"  # what hsmfs/data/units/hsmfs@.service runs; install-units puts in sys.executable
 POLL = 0.2  # seconds between looks at the view
 START_EXTENSION_USEC = 10 * 60 * 1_000_000  # marking a large tree may outlast TimeoutStartSec=
 
@@ -123,15 +122,12 @@ class Params:
 
 
 def params_path(mountpoint: str) -> str:
-    return os.path.join(PARAMS_DIR, escape_path(mountpoint) + ".json")
+    return os.path.join(UNIT_PARAMS_DIR, escape_path(mountpoint) + ".json")
 
 
 def write_params(mountpoint: str, params: Params) -> None:
-    os.makedirs(PARAMS_DIR, mode=0o700, exist_ok=True)
-    path = params_path(mountpoint)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"store": params.store, "config": params.config}, f)
-    os.rename(path + ".tmp", path)
+    os.makedirs(UNIT_PARAMS_DIR, mode=0o700, exist_ok=True)
+    tree.atomic_write(params_path(mountpoint), json.dumps({"store": params.store, "config": params.config}).encode())
 
 
 def read_params(mountpoint: str) -> Params:
@@ -230,7 +226,7 @@ class Service:
             os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)  # the in-flight journal lives there
             starts = self.fds.count_start()
             serving = Serving(group, store, self.target, policy, restarts=starts - 1)
-        except (HsmfsError, OSError, tree.RecordError) as e:
+        except (HsmfsError, OSError) as e:
             if group is not None and view_alive(group):
                 # exiting with an error ends the unit (or restarts it): the fd store may go, so the
                 # view must go first
@@ -239,9 +235,9 @@ class Service:
                     detach(self.target, lazy=True)
                 except OSError as d:
                     log.error("cannot unmount %s: %s", self.target, d)
-            code = e.exit_code if isinstance(e, HsmfsError) else 71 if isinstance(e, OSError) else 65
-            log.error("%s", e)
-            return code
+            if isinstance(e, OSError):  # run_main would say the same; the unit ends with 71
+                raise SystemCallFailed.of(e) from None
+            raise  # run_main logs it; its exit code tells systemd whether a restart can help
         rt = RuntimeRecord(name=store.name, pid=os.getpid(), store=store.path, source=store.source,
                            target=self.target, namespace=None, mnt_id=mnt_id, log=f"journalctl -u {self.unit}")
         rt.save()
@@ -343,10 +339,7 @@ def install_units(root: str = "/", *, python: Optional[str] = None, script: Opti
     for name, text in sorted(unit_files().items()):
         text = text.replace(f"ExecStart={DEFAULT_PYTHON} ", f"ExecStart={_quote(python)} ")
         path = os.path.join(unit_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.chmod(path + ".tmp", 0o644)
-        os.rename(path + ".tmp", path)
+        tree.atomic_write(path, text.encode(), mode=0o644)
         done.append(f"installed {path}")
     sbin = os.path.join(root, "sbin")
     os.makedirs(sbin, mode=0o755, exist_ok=True)

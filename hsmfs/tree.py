@@ -282,6 +282,7 @@ def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)  # exactly mode, whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

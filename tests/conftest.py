@@ -1,9 +1,18 @@
-"""Shared fixtures: real loop-mounted ext4, xfs and btrfs images, cleaned up pass or fail."""
+"""Shared fixtures: real loop-mounted ext4, xfs and btrfs images, cleaned up pass or fail.
+
+- Root: a test that uses a fixture of ROOT_FIXTURES, or is marked ``root``, is marked ``root`` at
+  collection and skipped, saying why, when the tests do not run as root: ``-m "not root"`` is the
+  unprivileged run, and nothing in it needs root.
+- Logs: after a test, the log of every view it made (make_view, views) must hold no ALARM, no
+  "bug while filling" and no traceback, unless the test expects it: ``@pytest.mark.log_allows(
+  "regex", ...)`` lets lines matching one of the patterns through.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -16,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from hsmfs.places import journal_path, log_path, record_path
 from hsmfs.views import is_mountpoint
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
@@ -23,9 +33,44 @@ MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btr
 IMAGE_SIZE = 4 << 30  # sparse: what the whole session leaves behind on one filesystem (about 1 GiB on ext4 by now)
 
 
+ROOT_FIXTURES = frozenset({"loopfs", "loopfs_all", "make_view", "views", "children"})
+NEEDS_ROOT = "needs root (loop mounts, mounts, fanotify pre-content marks): run as root, or deselect with -m 'not root'"
+BAD_LOG_LINE = re.compile(r"ALARM|bug while filling|Traceback")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "log_allows(*patterns): log lines of the test's views matching one of "
+                            "these regexes do not fail it (ALARM, 'bug while filling', tracebacks)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = os.geteuid() == 0
+    for item in items:
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("root") is None:
+            item.add_marker(pytest.mark.root)
+        if not root and item.get_closest_marker("root") is not None:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_ROOT))
+
+
 def _skip_unless_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: loop mounts and fanotify pre-content marks")
+        pytest.skip(NEEDS_ROOT)
+
+
+def bad_log_lines(text: str, allowed: list[str]) -> list[str]:
+    """Lines of a log that fail a test: an ALARM, a bug while filling, a traceback (unless allowed)."""
+    return [line for line in text.splitlines()
+            if BAD_LOG_LINE.search(line) and not any(re.search(a, line) for a in allowed)]
+
+
+def check_logs(request: pytest.FixtureRequest, views: list[View]) -> None:
+    allowed = [p for m in request.node.iter_markers("log_allows") for p in m.args]
+    bad = {v.name: bad_log_lines(v.final_log, allowed) for v in views}
+    bad = {name: lines for name, lines in bad.items() if lines}
+    if bad:
+        pytest.fail("the log of a view shows a failure (mark the test log_allows(...) if it is expected):\n"
+                    + "\n".join(f"{name}: {line}" for name, lines in bad.items() for line in lines[:20]),
+                    pytrace=False)
 
 
 class LoopFS:
@@ -106,6 +151,7 @@ class View:
         self.extra = extra
         self.env: Optional[dict[str, str]] = None  # for hsmfs mount (and so the supervisor and filler)
         self.mounted = False
+        self.final_log = ""  # the log as close() found it, after the umount
 
     def mount(self) -> subprocess.CompletedProcess[str]:
         r = hsmfs("mount", "--name", self.name, "--store", self.store, *self.extra, self.source, self.target,
@@ -122,14 +168,14 @@ class View:
 
     @property
     def log(self) -> str:
-        with open(f"/var/log/hsmfs/{self.name}.log") as f:
+        with open(log_path(self.name)) as f:
             return f.read()
 
     def close(self) -> None:
         if self.mounted:
             r = hsmfs("umount", self.target, check=False)
             if r.returncode != 0:  # leave nothing behind even when a test broke the mount
-                rt = os.path.join("/run/hsmfs", self.name + ".json")
+                rt = record_path(self.name)
                 if os.path.exists(rt):
                     with open(rt) as f:
                         pid = json.load(f)["pid"]
@@ -144,7 +190,12 @@ class View:
             self.mounted = False
         if os.path.isdir(self.target) and not is_mountpoint(self.target):
             os.rmdir(self.target)
-        for leftover in (f"/var/log/hsmfs/{self.name}.log", f"/run/hsmfs/{self.name}.journal"):
+        try:
+            with open(log_path(self.name), errors="replace") as f:
+                self.final_log = f.read()
+        except FileNotFoundError:
+            pass  # closed before (a second close), or never mounted
+        for leftover in (log_path(self.name), journal_path(self.name)):
             try:
                 os.unlink(leftover)
             except FileNotFoundError:
@@ -161,8 +212,9 @@ _counter = [0]
 
 
 @pytest.fixture
-def make_view(loopfs: LoopFS) -> Iterator[Callable[..., View]]:
-    """make_view(source_dir, *extra_mount_args) -> a mounted View; all unmounted at teardown."""
+def make_view(request: pytest.FixtureRequest, loopfs: LoopFS) -> Iterator[Callable[..., View]]:
+    """make_view(source_dir, *extra_mount_args) -> a mounted View; all unmounted at teardown, and
+    then their logs checked (check_logs)."""
     views: list[View] = []
 
     def make(source: str, *extra: str, mount: bool = True) -> View:
@@ -176,6 +228,7 @@ def make_view(loopfs: LoopFS) -> Iterator[Callable[..., View]]:
     yield make
     for v in views:
         v.close()
+    check_logs(request, views)
 
 
 @pytest.fixture
@@ -201,7 +254,7 @@ def views(loopfs: LoopFS, make_view: Callable[..., View]) -> Iterator[Callable[.
         for v in made:
             v.close()  # make_view closes them again, harmlessly
             try:
-                os.unlink(os.path.join("/run/hsmfs", v.name + ".journal"))
+                os.unlink(journal_path(v.name))
             except FileNotFoundError:
                 pass
 

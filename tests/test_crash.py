@@ -46,11 +46,10 @@ from conftest import FILESYSTEMS, IMAGE_SIZE, MKFS, hsmfs
 
 from hsmfs import state, tree
 from hsmfs.linux.fs import shutdown, shutdown_supported, syncfs
+from hsmfs.places import LOG_DIR, RUN_DIR
 from hsmfs.views import is_mountpoint
 
-RUN_DIR = "/run/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
-
+pytestmark = pytest.mark.root  # loop mounts, shutdown ioctls, fanotify
 
 # -- the source: on the root filesystem, never on the store's ----------------------------------------
 

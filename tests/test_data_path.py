@@ -9,13 +9,14 @@ import json
 import os
 import random
 import signal
-import subprocess
-import time
 from typing import Callable
 
 from conftest import LoopFS, View, hsmfs
+from helpers import cat as read
+from helpers import wait_for
 
 from hsmfs import state
+from hsmfs.places import record_path
 
 
 def make_tree(root: str, rnd: random.Random, *, dirs: int = 3, files: int = 8, big: int = 0) -> dict[str, bytes]:
@@ -40,20 +41,8 @@ def policy(loopfs: LoopFS, text: str) -> str:
     return path
 
 
-def read(path: str) -> bytes:
-    r = subprocess.run(["cat", path], capture_output=True, timeout=60, check=True)
-    return r.stdout
-
-
 def events(v: View) -> int:
     return int(v.status()["filler"]["events"])
-
-
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def state_of(v: View, rel: str) -> str:
@@ -124,7 +113,7 @@ def test_fill_committed_by_the_successor(loopfs: LoopFS, make_view: Callable[...
     v = make_view(src, "--config", policy(loopfs, "fill_ahead = false\ncommit_interval = 60\n"))
     assert read(v.path("d0/f1")) == data["d0/f1"]
     assert state_of(v, "d0/f1") == "stub" and v.status()["filler"]["pending_commit"] == 1
-    with open(f"/run/hsmfs/{v.name}.json") as f:
+    with open(record_path(v.name)) as f:
         sup = json.load(f)["pid"]
     with open(f"/proc/{sup}/task/{sup}/children") as f:
         filler = int(f.read().split()[0])

@@ -25,8 +25,7 @@ NAMES = ["kernel", "privileges", "fanotify", "store fs", "mount API", "store pri
          "python"]
 NOBODY = 65534
 
-root_only = pytest.mark.skipif(os.geteuid() != 0,
-                               reason="needs root: fanotify groups, mounts, chown, setresuid")
+root_only = pytest.mark.root  # fanotify groups, mounts, chown, setresuid (conftest skips it unless root)
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:

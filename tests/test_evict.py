@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import helpers
 import pytest
 from conftest import LoopFS, View, hsmfs
+from helpers import cat
 
 from hsmfs import state, tree
 from hsmfs.views import is_mountpoint
@@ -40,13 +41,7 @@ NEAR_ZERO = 0  # what an evicted file may still hold on disk: ext4, xfs and btrf
 # -- helpers ---------------------------------------------------------------------------------------
 
 def make_source(root: str, sizes: dict[str, int] = SIZES, *, sleep_bin: bool = False) -> str:
-    rnd = random.Random(2024)
-    src = os.path.join(root, "src")
-    os.makedirs(src)
-    for rel, size in sizes.items():
-        os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
-        with open(os.path.join(src, rel), "wb") as f:
-            f.write(rnd.randbytes(size))
+    src = helpers.make_source(root, sizes, seed=2024)[0]
     if sleep_bin:
         shutil.copy2(shutil.which("sleep") or "/bin/sleep", os.path.join(src, "sleep-bin"))
     return src
@@ -69,11 +64,6 @@ def on_disk(v: View, rel: str) -> int:
 def du(path: str) -> int:
     out = subprocess.run(["du", "-B1", path], capture_output=True, text=True, timeout=30, check=True).stdout
     return int(out.split()[0])
-
-
-def cat(path: str) -> bytes:
-    """A reader in its own process, under a timeout: a hung fill fails the test, not the suite."""
-    return subprocess.run(["cat", path], capture_output=True, timeout=60, check=True).stdout
 
 
 def stat_of(path: str) -> dict[str, Any]:

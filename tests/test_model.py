@@ -42,6 +42,7 @@ from conftest import LoopFS, View, hsmfs
 
 from hsmfs import state
 from hsmfs.control import request
+from hsmfs.places import record_path
 
 SECONDS = float(os.environ.get("HSMFS_MODEL_SECONDS", "60"))
 OUT = os.environ.get("HSMFS_MODEL_OUT")
@@ -433,7 +434,7 @@ def _punch(fd: int, off: int, n: int) -> None:
 
 def filler_pid(v: View) -> Optional[int]:
     try:
-        with open(f"/run/hsmfs/{v.name}.json") as f:
+        with open(record_path(v.name)) as f:
             sup = json.load(f)["pid"]
         with open(f"/proc/{sup}/task/{sup}/children") as f:
             kids = [int(x) for x in f.read().split()]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import LoopFS, hsmfs
 
+from hsmfs.places import record_path
 from hsmfs.views import is_mountpoint
 
 
@@ -83,7 +84,7 @@ def assert_unchanged(target: str, store: str, name: str) -> None:
     assert not os.path.exists(store), "a refused mount created the store"
     assert not is_mountpoint(target)
     assert os.listdir(target) == []
-    assert not os.path.exists(f"/run/hsmfs/{name}.json")
+    assert not os.path.exists(record_path(name))
 
 
 def test_store_on_tmpfs(setup: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -157,6 +158,7 @@ def test_not_root(setup: tuple[str, str, str]) -> None:
     assert_unchanged(target, store, "e-user")
 
 
+@pytest.mark.root
 def test_umount_of_nothing() -> None:
     err = refused(66, "umount", "/nonexistent/view")
     assert "no running hsmfs mount" in err

@@ -16,8 +16,10 @@ import time
 from collections.abc import Iterator
 from typing import Callable
 
+import helpers
 import pytest
 from conftest import LoopFS, View, hsmfs
+from helpers import wait_for
 
 from hsmfs.views import MountEntry, is_mountpoint
 
@@ -67,7 +69,7 @@ def namespace() -> Iterator[Callable[..., int]]:
         p = subprocess.Popen(["unshare", "-m", "--propagation", propagation, "sleep", "600"])
         procs.append(p)
         wait_for(lambda: os.readlink(f"/proc/{p.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
-                 10, "the namespace")
+                 "the namespace", timeout=10)
         return p.pid
 
     yield new
@@ -76,23 +78,15 @@ def namespace() -> Iterator[Callable[..., int]]:
         p.wait()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def cat(path: str, *, ns: int | None = None) -> bytes:
-    cmd = (["nsenter", "-t", str(ns), "-m"] if ns else []) + ["cat", path]
-    return subprocess.run(cmd, capture_output=True, timeout=60, check=True).stdout
+    return helpers.cat(path, prefix=["nsenter", "-t", str(ns), "-m"] if ns else [])
 
 
 def supervisor_exits(v: View, pid: int) -> None:
     # another test run on this machine may copy the view into a namespace of its own: then the
     # supervisor rightly serves until that namespace is gone (the log says so)
     try:
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "the supervisor to exit")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the supervisor to exit", timeout=60)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{v.log[-3000:]}") from None
 
@@ -111,7 +105,7 @@ def detach_lazily(v: View) -> tuple[int, str]:
     pid: int = v.status()["pid"]
     r = hsmfs("umount", "--lazy", v.target)
     assert not is_mountpoint(v.target)
-    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, "the supervisor to see the view go", timeout=10)
     return pid, r.stderr
 
 
@@ -151,7 +145,7 @@ def test_plain_umount_of_the_view_keeps_a_bind_mount_served(view: tuple[View, di
     bind = mounts("--bind", v.target)
     pid = v.status()["pid"]
     subprocess.run(["umount", v.target], check=True)  # behind hsmfs's back
-    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, 10, "the supervisor to see the view go")
+    wait_for(lambda: "is gone, but its tree is still mounted" in v.log, "the supervisor to see the view go", timeout=10)
     time.sleep(1.5)  # past a few polls: a supervisor that was going to stop has stopped
     for rel in sorted(want):
         assert cat(os.path.join(bind, rel)) == want[rel], rel

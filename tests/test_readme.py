@@ -200,6 +200,7 @@ def host_state(target: str, name: str) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.root
 def test_first_line_mounts_a_lazy_view(isolated_bin: str, private_ns: PrivateNamespace) -> None:
     line = quick_start()[0]
     m = re.search(r"hsmfs mount (\S+) (\S+)$", line)

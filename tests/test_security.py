@@ -26,13 +26,11 @@ from typing import Any, Callable, NamedTuple
 from conftest import LoopFS, View, hsmfs
 
 from hsmfs.linux.fs import fs_type
+from hsmfs.places import LOG_DIR, RUN_DIR, STORE_ROOT
 from hsmfs.views import is_mountpoint
 
 NOBODY = 65534
 GROUP = 4242  # a group nobody is not in, unless a check adds it
-STORE_ROOT = "/var/lib/hsmfs"
-RUN_DIR = "/run/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
 
 # prctl(2): keep the effective capabilities across setresuid(0 -> 65534), so a child with uid 65534
 # can still pass the 0600 socket's permission check and reach the SO_PEERCRED check behind it.

@@ -9,13 +9,15 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Callable
 
 import pytest
 from conftest import LoopFS, View, hsmfs
+from helpers import wait_for
 from test_view import make_source, sha
+
+from hsmfs.places import record_path
 
 NOBODY = 65534
 
@@ -29,14 +31,6 @@ def _mounted_in(pid: int, target: str) -> bool:
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _own_namespace(pid: int) -> bool:
@@ -54,7 +48,7 @@ def holders() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     def new(argv: list[str]) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         procs.append(p)
-        _wait(lambda: _own_namespace(p.pid) or p.poll() is not None, 10, "the new mount namespace")
+        wait_for(lambda: _own_namespace(p.pid) or p.poll() is not None, "the new mount namespace", timeout=10)
         assert p.poll() is None, f"{argv} exited with {p.returncode}"
         return p
 
@@ -79,7 +73,7 @@ def test_umount_runs_nothing_from_the_namespace(loopfs: LoopFS, make_view: Calla
     binds = " && ".join(f"mount --bind {script} {b}" for b in
                         ("/usr/bin/umount", "/usr/bin/nsenter", "/usr/bin/findmnt", "/usr/bin/mount"))  # mount last
     holder = holders(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{binds} && exec sleep 600"])
-    _wait(lambda: _mounted_in(holder.pid, "/usr/bin/umount"), 10, "the namespace's fake binaries")
+    wait_for(lambda: _mounted_in(holder.pid, "/usr/bin/umount"), "the namespace's fake binaries", timeout=10)
     v = make_view(src, "--namespace", str(holder.pid), mount=False)
     v.mount()
     assert _mounted_in(holder.pid, v.target) and not _mounted_in(os.getpid(), v.target)
@@ -106,7 +100,7 @@ def test_namespace_of_another_user_namespace_refused(loopfs: LoopFS, make_view: 
     assert "another user namespace" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(v.store), "a refused mount created its store"
     assert not _mounted_in(holder.pid, v.target)
-    assert not os.path.exists(f"/run/hsmfs/{v.name}.json")
+    assert not os.path.exists(record_path(v.name))
 
 
 def test_bad_namespace_arguments(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
@@ -133,7 +127,7 @@ def test_view_ends_with_its_namespace(loopfs: LoopFS, make_view: Callable[..., V
     holder = holders(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
     v = make_view(src, "--namespace", str(holder.pid), mount=False)
     v.mount()
-    with open(f"/run/hsmfs/{v.name}.json") as f:
+    with open(record_path(v.name)) as f:
         supervisor = json.load(f)["pid"]
     # the target path in that namespace names it too, when it names one view only
     status = json.loads(hsmfs("status", "--json", v.target).stdout)
@@ -141,7 +135,7 @@ def test_view_ends_with_its_namespace(loopfs: LoopFS, make_view: Callable[..., V
     assert _read(f"/proc/{holder.pid}/root{v.target}/mid.bin") == _read(os.path.join(src, "mid.bin"))
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    _wait(lambda: not os.path.exists(f"/proc/{supervisor}"), 20, "the supervisor to stop")
+    wait_for(lambda: not os.path.exists(f"/proc/{supervisor}"), "the supervisor to stop", timeout=20)
     v.mounted = False
     assert "is gone: every process in it exited" in v.log, v.log
     assert hsmfs("status", v.name, check=False).returncode == 66  # no longer running (only this name is asked)

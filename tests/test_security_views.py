@@ -21,6 +21,7 @@ from typing import Callable
 from conftest import LoopFS, View, hsmfs
 from test_security import NOBODY, as_nobody
 
+from hsmfs.places import record_path
 from hsmfs.views import is_mountpoint
 
 
@@ -81,13 +82,13 @@ def _mount(loopfs: LoopFS, name: str, src: str, target: str) -> tuple[int, str, 
     any view it made is gone afterwards."""
     store = os.path.join(loopfs.fresh_dir("store"), "s")
     r = hsmfs("mount", "--name", name, "--store", store, src, target, check=False)
-    landed = _remove(name) if os.path.exists(f"/run/hsmfs/{name}.json") else []
+    landed = _remove(name) if os.path.exists(record_path(name)) else []
     return r.returncode, r.stderr, landed
 
 
 def _remove(name: str) -> list[str]:
     """Unmount the view of mount name wherever it landed (returned); its supervisor then stops by itself."""
-    with open(f"/run/hsmfs/{name}.json") as f:
+    with open(record_path(name)) as f:
         rt = json.load(f)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f if int(line.split()[0]) == rt["mnt_id"]]
@@ -147,7 +148,7 @@ def test_target_swapped_for_a_symlink_before_attach(loopfs: LoopFS, views: Calla
     assert os.path.islink(parent), "the swap did not happen: the test did not test"
     assert rc == 73 and "is no longer the directory hsmfs mount checked" in err, (rc, err)
     assert os.listdir(cron) == ["job"]
-    assert not os.path.exists(f"/run/hsmfs/{name}.json")
+    assert not os.path.exists(record_path(name))
 
 
 def test_umount_not_redirected_through_a_symlink(loopfs: LoopFS, views: Callable[..., View]) -> None:
@@ -173,7 +174,7 @@ def test_umount_not_redirected_through_a_symlink(loopfs: LoopFS, views: Callable
         assert is_mountpoint(os.path.join(user, "x", "mnt"))  # the view is still there, and served
         assert as_nobody(["cat", os.path.join(user, "x", "mnt", "suid-id")]).rc == 0
     finally:
-        if os.path.exists(f"/run/hsmfs/{name}.json"):
+        if os.path.exists(record_path(name)):
             _remove(name)
         while is_mountpoint(hidden):
             subprocess.run(["umount", hidden], check=True)

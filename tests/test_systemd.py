@@ -27,12 +27,13 @@ from conftest import LoopFS, hsmfs
 import hsmfs as hsmfs_pkg
 from hsmfs import sdnotify
 from hsmfs.mounthelper import HelperError, parse_args
+from hsmfs.places import journal_path, log_path
 from hsmfs.process import JournalFormatter
 from hsmfs.systemd import escape_path, service_name, unescape_path
 from hsmfs.views import is_mountpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-UNITS = ROOT / "units"
+UNITS = ROOT / "hsmfs" / "data" / "units"  # the one copy, shipped as package data
 CONTRIB = ROOT / "contrib" / "systemd"
 FSTAB_GENERATOR = "/lib/systemd/system-generators/systemd-fstab-generator"
 
@@ -65,10 +66,16 @@ def template_instance(unit_dir: Path, template: Path, instance: str) -> Path:
 # --- unit files ------------------------------------------------------------------------------------
 
 
-def test_package_copy_of_units_is_identical() -> None:
-    shipped = {p.name: p.read_text() for p in (ROOT / "hsmfs" / "data" / "units").iterdir()}
-    canonical = {p.name: p.read_text() for p in UNITS.iterdir()}
-    assert shipped == canonical, "hsmfs/data/units/ must be a copy of units/ (cp units/* hsmfs/data/units/)"
+def test_restart_prevent_exit_status_is_what_the_errors_say() -> None:
+    """RestartPreventExitStatus= lists exactly the codes of the errors a restart cannot fix."""
+    from hsmfs.errors import restart_prevent_exit_status
+
+    lines = [line for line in (UNITS / "hsmfs@.service").read_text().splitlines()
+             if line.startswith("RestartPreventExitStatus=")]
+    assert len(lines) == 1, lines
+    listed = [int(w) for w in lines[0].split("=", 1)[1].split()]
+    assert listed == restart_prevent_exit_status(), "set RestartPreventExitStatus= to " \
+        + " ".join(map(str, restart_prevent_exit_status()))
 
 
 def test_units_have_no_trailing_comments_or_newer_keys() -> None:
@@ -347,7 +354,7 @@ def test_helper_without_systemd_mounts_like_hsmfs_mount(helper: str, loopfs_all:
         if is_mountpoint(target):
             subprocess.run(["umount", "-l", target], check=False)
         os.rmdir(target)
-        for leftover in (f"/var/log/hsmfs/{name}.log", f"/run/hsmfs/{name}.journal"):
+        for leftover in (log_path(name), journal_path(name)):
             try:
                 os.unlink(leftover)
             except FileNotFoundError:

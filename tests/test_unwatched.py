@@ -9,22 +9,15 @@ import tempfile
 from collections.abc import Iterator
 from typing import Callable
 
+import helpers
 import pytest
 from conftest import LoopFS, View
 
 
 def make_source(root: str) -> tuple[str, dict[str, bytes]]:
     rnd = random.Random(11)
-    src = os.path.join(root, "src")
-    os.makedirs(os.path.join(src, "d"))
-    want = {}
-    for i in range(12):
-        rel = f"d/f{i}" if i % 2 else f"f{i}"
-        data = rnd.randbytes(rnd.randrange(1, 300_000))
-        with open(os.path.join(src, rel), "wb") as f:
-            f.write(data)
-        want[rel] = data
-    return src, want
+    return helpers.make_source(root, {f"d/f{i}" if i % 2 else f"f{i}": rnd.randrange(1, 300_000) for i in range(12)},
+                               seed=11)
 
 
 @pytest.fixture
@@ -45,8 +38,7 @@ def scratch(loopfs: LoopFS) -> Iterator[str]:
 
 
 def cat(path: str, *, ns: list[str] | None = None) -> bytes:
-    cmd = [*(ns or []), "cat", path]
-    return subprocess.run(cmd, capture_output=True, timeout=60, check=True).stdout
+    return helpers.cat(path, prefix=ns or [])
 
 
 def test_copy_of_view_in_a_later_namespace(view: tuple[View, dict[str, bytes]]) -> None:

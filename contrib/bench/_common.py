@@ -7,6 +7,7 @@ Kept free of hsmfs imports: the benchmarks run hsmfs only in subprocesses, from 
 from __future__ import annotations
 
 import os
+import runpy
 import statistics
 import subprocess
 import sys
@@ -17,8 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_TREES = ["/usr/include", "/usr/lib/python3.11", "/usr/share/doc"]
 IMAGE_SIZE = 4 << 30
-RUN_DIR = "/run/hsmfs"
-LOG_DIR = "/var/log/hsmfs"
+# hsmfs/places.py read as a file: it defines the directories and imports nothing of hsmfs
+_PLACES = runpy.run_path(os.path.join(REPO, "hsmfs", "places.py"))
+RUN_DIR: str = _PLACES["RUN_DIR"]
+LOG_DIR: str = _PLACES["LOG_DIR"]
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 HSMFS = [sys.executable, "-m", "hsmfs"]
 HSMFS_PATH = REPO  # where subprocesses import hsmfs from

@@ -256,7 +256,7 @@ def LoopFS(base: str, label: str, fstype: str, size: int) -> _LoopFS:
 MARK_CODE = r"""
 import json, os, stat, sys, time
 from hsmfs import state, tree
-from hsmfs.daemon import new_group
+from hsmfs.session import new_group
 from hsmfs.filler.marks import mark_tree
 root, what = sys.argv[1:3]
 log_ = state.StateLog(os.path.dirname(root))

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 from typing import Optional
 
 from hsmfs import tree
+from hsmfs.errors import HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.service import Serving
 from hsmfs.filler.takeover import pin_fd_limit
 from hsmfs.policy import load_policy
-from hsmfs.process import ignore_lease_breaks, setup_logging
+from hsmfs.process import ReadyPipe, ignore_lease_breaks, run_main, setup_logging
 
 log = logging.getLogger("hsmfs.filler")
 
@@ -43,27 +43,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--netns-fd", type=int, help="network namespace to fetch through (policy netns = target)")
     ap.add_argument("--netns-label", default="target")
     args = ap.parse_args(args_in)
-    policy = load_policy(args.config)
-    setup_logging(policy.log_level)
-    pin_fd_limit()
-    ignore_lease_breaks()
-    store = tree.Store.load(args.store)
-    if store is None:
-        log.error("%s is not an hsmfs store", args.store)
-        return 66
-    # netns = "target" comes as an fd from the supervisor; a name or path Serving opens itself
-    netns_fd, label = args.netns_fd, args.netns_label if args.netns_fd is not None else "host"
-    serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts,
-                      netns_fd=netns_fd, netns_label=label)
+    ready = ReadyPipe(args.ready_fd)
+    try:
+        policy = load_policy(args.config)
+        setup_logging(policy.log_level)
+        pin_fd_limit()
+        ignore_lease_breaks()
+        store = tree.Store.load(args.store)
+        if store is None:
+            raise SourceMissing(f"{args.store} is not an hsmfs store")
+        # netns = "target" comes as an fd from the supervisor; a name or path Serving opens itself
+        netns_fd, label = args.netns_fd, args.netns_label if args.netns_fd is not None else "host"
+        serving = Serving(args.group_fd, store, args.target, policy, ns=args.ns, restarts=args.restarts,
+                          netns_fd=netns_fd, netns_label=label)
+    except HsmfsError as e:
+        ready.failed(e)  # the supervisor passes it on to hsmfs mount; run_main logs it
+        raise
+    except OSError as e:
+        err = SystemCallFailed.of(e)
+        ready.failed(err)
+        raise err from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    os.write(args.ready_fd, b"ready\n")
-    os.close(args.ready_fd)
+    ready.ready()
     stop.wait()
     serving.close()  # every event read has been answered; the supervisor still holds the group
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

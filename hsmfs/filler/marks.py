@@ -101,7 +101,9 @@ def mark_tree(group: int, root: str, log_: state.StateLog) -> tuple[int, int]:
                 settled += 1
         except FileNotFoundError:
             continue  # removed meanwhile: a user's business
-        except (OSError, tree.RecordError) as e:
-            raise MarkError(f"cannot mark the stub {f.path}: {getattr(e, 'strerror', None) or e}",
+        except tree.RecordError as e:  # a damaged record: a data error (65), no restart mends it
+            raise tree.RecordError(f"cannot mark the stub {f.path}: {e.message}", hint=e.hint) from None
+        except OSError as e:
+            raise MarkError(f"cannot mark the stub {f.path}: {e.strerror or e}",
                             hint="see 'hsmfs doctor'; a stub left unmarked would read as zeros") from None
     return stubs, settled

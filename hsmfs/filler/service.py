@@ -13,13 +13,13 @@ import os
 from typing import Any, Optional
 
 from hsmfs import state, tree
-from hsmfs.control import RUN_DIR, Server
+from hsmfs.control import Server
 from hsmfs.filler.core import Filler
 from hsmfs.filler.marks import private_root
-from hsmfs.filler.takeover import Journal, journal_path
+from hsmfs.filler.takeover import Journal
+from hsmfs.places import RUN_DIR, journal_path
 from hsmfs.policy import Policy
-from hsmfs.sources import Source
-from hsmfs.sources.local import LocalSource
+from hsmfs.sources.store import store_source
 from hsmfs.views import detach, marked_mount, ns_inode, other_mounts
 
 log = logging.getLogger("hsmfs.filler")
@@ -115,18 +115,3 @@ class Serving:
         if self.netns_fd >= 0:
             os.close(self.netns_fd)
         log.info("filler stopped: %s", self.filler.status())
-
-
-def store_source(store: tree.Store, policy: Policy, *, netns_fd: Optional[int] = None, netns_label: str = "host",
-                 watch_routes: bool = True) -> Source:
-    """The source a store is filled from: its local directory (never a replaced root), or its
-    HTTP/S3 origin through the policy's network namespace (hsmfs.remote; urllib3 and the route
-    watch's pyroute2 are imported only then)."""
-    if not tree.is_remote(store.source):
-        return LocalSource(store.source, identity=store.source_id)
-    from dataclasses import replace
-
-    from hsmfs.remote import open_source
-
-    return open_source(store, policy if watch_routes else replace(policy, route_watch=False), netns_fd=netns_fd,
-                       netns_label=netns_label)

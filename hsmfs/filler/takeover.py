@@ -28,6 +28,7 @@ import resource
 import threading
 
 from hsmfs.linux import fanotify as fan
+from hsmfs.places import journal_path
 from hsmfs.state import Key
 
 FD_LIMIT = 65536  # RLIMIT_NOFILE of every filler; the sweep answers exactly the numbers below it
@@ -49,12 +50,6 @@ def pin_fd_limit() -> None:
 
 def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def journal_path(name: str) -> str:
-    from hsmfs.control import RUN_DIR
-
-    return os.path.join(RUN_DIR, name + ".journal")
 
 
 def new_session(name: str) -> None:

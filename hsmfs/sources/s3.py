@@ -16,13 +16,11 @@ import os
 import urllib.parse
 from typing import Any
 
-from hsmfs.errors import HsmfsError, UsageError
+from hsmfs.errors import HsmfsError, NotPermitted, UsageError
 
 
-class CredentialsMissing(HsmfsError):
+class CredentialsMissing(NotPermitted):
     """No AWS credentials were found for an s3:// source (exit 77, EX_NOPERM)."""
-
-    exit_code = os.EX_NOPERM  # 77
 
 
 def split_s3(url: str) -> tuple[str, str]:

@@ -1,0 +1,162 @@
+"""One mount's session: its fanotify group, and what the supervisor (hsmfs.daemon) and
+hsmfs@.service (hsmfs.systemd) both do with it: begin the session (hsmfs.json says one runs),
+mark the tree and attach the view, watch the view and the other mounts of its tree, end it.
+
+The group is made here and nowhere else; ``hsmfs doctor`` and ``hsmfs mount``'s kernel check
+make the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from hsmfs import state, tree
+from hsmfs.filler.marks import VIEW_MASK, mark_tree
+from hsmfs.linux import fanotify as fan
+from hsmfs.policy import Policy
+from hsmfs.state import StateLog
+from hsmfs.trust import open_source_root
+from hsmfs.views import (
+    attach,
+    find_namespace,
+    marked_mount,
+    open_target,
+    other_mounts,
+    remote_restrictions,
+    view_restrictions,
+)
+
+log = logging.getLogger("hsmfs.session")
+
+GROUP_FLAGS = fan.FAN_CLASS_PRE_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE \
+    | fan.FAN_UNLIMITED_MARKS
+# read-only: a reader on a read-only mount (overlayfs's lower layer) must get an event fd too; the
+# filler writes through its own clone of the tree instead (hsmfs.filler.marks.private_root)
+EVENT_FLAGS = os.O_RDONLY | os.O_LARGEFILE
+OTHERS_POLL = 1.0  # seconds between looks for other mounts of the tree, once the view is gone
+
+
+def new_group() -> int:
+    """The fanotify group of one hsmfs mount (whoever holds it keeps pending events blocked)."""
+    return fan.init(GROUP_FLAGS, EVENT_FLAGS)
+
+
+def namespace_alive(inode: int) -> bool:
+    fd = find_namespace(inode)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def view_alive(group: int) -> bool:
+    """Whether the group still has its mount mark: the view exists, attached or lazily detached."""
+    return marked_mount(group) is not None
+
+
+class OtherMountsWatch:
+    """Once the view is gone: whether another mount of the tree still needs the group.
+
+    A bind mount of the view, its copy in a later mount namespace or an overlay over it reads
+    stubs through their inode marks, which go with the group (docs/unwatched.md). Looked for at
+    most every OTHERS_POLL seconds (a scan reads every namespace's mountinfo); logs what is found.
+    """
+
+    def __init__(self, tree: str, target: str, view_ns: int) -> None:
+        self.tree = tree
+        self.target = target
+        self.view_ns = view_ns
+        self.next = 0.0
+        self.last: Optional[list[str]] = None
+
+    def keep_serving(self) -> bool:
+        now = time.monotonic()
+        if now < self.next:
+            return True
+        self.next = now + OTHERS_POLL
+        try:
+            found = [str(m) for m in other_mounts(self.tree, self.target, view_ns=self.view_ns)]
+        except (OSError, ValueError) as e:  # never give the group up on a guess
+            log.error("cannot look for other mounts of %s (%s); still serving", self.tree, e)
+            return True
+        if found != self.last:
+            if found:
+                log.warning("view %s is gone, but its tree is still mounted %s: still serving until they are "
+                            "unmounted", self.target, ", ".join(found))
+            elif self.last:
+                log.info("the last other mount of the tree of %s is gone", self.target)
+            self.last = found
+        return bool(found)
+
+
+def begin_session(store: tree.Store) -> int:
+    """Record that a session serves the store; after an unclean end, distrust resident files.
+
+    fdatasync and O_DSYNC make a user's bytes durable but not the ctime that tells a resident
+    file was written: after a crash a "resident" file may hide user data. The state log is
+    rewritten with such files "unverified" (durably, before anything is served): they are
+    compared with the source before they are evicted. Returns how many there were.
+    """
+    log_ = StateLog(store.path, writable=True)
+    try:
+        downgraded = 0
+        if store.mounted:
+            downgraded = sum(1 for e in log_.states.values() if e.op == state.OP_RESIDENT)
+            log_.compact(distrust=True)
+            log.warning("the last session of %s ended uncleanly: %d resident files will be compared with the "
+                        "source before they are evicted", store.path, downgraded)
+        else:
+            log_.compact()
+    finally:
+        log_.close()
+    store.mounted = True
+    store.save()
+    return downgraded
+
+
+def end_session(store: tree.Store) -> None:
+    """After a clean stop (every fill committed): resident records can be trusted again."""
+    fresh = tree.Store.load(store.path) or store
+    fresh.mounted = False
+    fresh.save()
+
+
+def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, nsfd: Optional[int] = None,
+                namespace: Optional[str] = None) -> int:
+    """Mark the tree, then attach the marked view at target; returns the view's mount id.
+
+    With a space budget the view is strictatime: the budget's recency is the inodes' atime.
+    Shared by the supervisor and the systemd service (hsmfs.systemd).
+    """
+    if tree.is_remote(store.source):
+        # no source mount to ask: nosuid and nodev unless the policy allows them (a manifest has no
+        # device nodes; its setuid bits are the publisher's)
+        restrict = remote_restrictions(allow_suid=policy.allow_suid)
+    else:
+        src = open_source_root(store)  # the directory the store was built from, not whatever is there now
+        try:
+            restrict = view_restrictions(src, allow_suid=policy.allow_suid, allow_devices=policy.allow_devices)
+        finally:
+            os.close(src)
+    # the target's directory itself, before anything changes: a symlink put on its path since
+    # hsmfs mount checked it is refused, never followed (views.open_target)
+    tfd = open_target(target) if nsfd is None else None
+    try:
+        begin_session(store)
+        log_ = StateLog(store.path)
+        try:
+            stubs, settled = mark_tree(group, store.tree, log_)
+        finally:
+            log_.close()
+        mnt_id = attach(group, store.tree, target, VIEW_MASK, nsfd=nsfd, target_fd=tfd, restrict=restrict,
+                        strictatime=policy.max_resident_bytes > 0)
+    finally:
+        if tfd is not None:
+            os.close(tfd)
+    where = f"{target} in namespace {namespace}" if namespace else target
+    log.info("view of %s live at %s (mount id %d; %d stubs marked, %d files settled)", store.source,
+             where, mnt_id, stubs, settled)
+    return mnt_id
