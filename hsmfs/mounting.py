@@ -262,7 +262,7 @@ def start_supervisor(st: tree.Store, target: str, namespace: Optional[Namespace]
         os.close(r)
     if word is True:
         where = f"{target} (mount namespace of {namespace.label})" if namespace else target
-        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (filler pid {proc.pid}, log {log_file})",
+        print(f"hsmfs: {escape(st.source)} is live at {escape(where)} (supervisor pid {proc.pid}, log {log_file})",
               file=sys.stderr)
         return
     if word is None and proc.poll() is None:

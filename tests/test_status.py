@@ -40,3 +40,21 @@ def test_status_before_a_fill_and_stat_of_a_filled_file(loopfs: LoopFS, make_vie
     assert line.startswith("filled, commit pending "), line  # until the commit, 30 s away
     after = hsmfs("status", v.name).stdout
     assert "fill latency p50 " in after and "None" not in after, after
+
+
+def test_mount_names_the_supervisor_pid(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """`hsmfs mount` says which process holds the mount: the supervisor, whose pid the runtime
+    record and `hsmfs status` give (it used to call that pid the filler's)."""
+    import json
+    import re
+
+    src = loopfs.fresh_dir("st")
+    with open(os.path.join(src, "f"), "w") as f:
+        f.write("x")
+    v = make_view(src, mount=False)
+    r = v.mount()
+    m = re.search(r"\(supervisor pid (\d+), log ", r.stderr)
+    assert m, r.stderr
+    with open(os.path.join(RUN_DIR, v.name + ".json")) as f:
+        assert int(m.group(1)) == json.load(f)["pid"]
+    assert "filler pid" not in r.stderr
