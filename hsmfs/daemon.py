@@ -19,24 +19,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Optional
 
 from hsmfs import tree
-from hsmfs.control import RuntimeRecord
 from hsmfs.errors import FillerFailed, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.takeover import new_session
 from hsmfs.policy import load_policy
 from hsmfs.process import ReadyPipe, read_ready, run_main, setup_logging
-from hsmfs.session import OtherMountsWatch, attach_view, end_session, namespace_alive, new_group, view_alive
-from hsmfs.views import detach, ns_inode
+from hsmfs.session import Session, attach_view, new_group
+from hsmfs.views import detach
 
 log = logging.getLogger("hsmfs.daemon")
 
-POLL = 0.2  # seconds between looks at the filler and the view
 BACKOFF_MAX = 5.0
 
 
@@ -84,74 +81,50 @@ class Supervisor:
         if self.nsfd is not None:
             os.close(self.nsfd)
             self.nsfd = None
-        rt = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
-                           source=self.store.source, target=self.target, namespace=self.namespace,
-                           mnt_id=mnt_id, log=self.log_path)
-        rt.save()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        others = OtherMountsWatch(self.store.tree, self.target, self.ns if self.ns is not None else ns_inode())
+        session = Session(self.group, self.store, self.target, view_ns=self.ns, namespace=self.namespace)
+        session.begin(mnt_id, self.log_path)
         restarts, backoff = 0, 0.0
         detached = False  # by a SIGTERM
-        proc, ready_r = self.start_filler(restarts)
-        proc_ready = False  # whether the running filler reported ready
-        failure: Optional[HsmfsError] = None  # what the running filler reported instead
+        filler = Filler(self, session, restarts)
+        restart_at: Optional[float] = None  # when a dead filler's successor starts
         try:
             while True:
-                if ready_r >= 0 and _readable(ready_r):
-                    word = read_ready(ready_r)
-                    os.close(ready_r)
-                    ready_r = -1
-                    proc_ready = word is True
-                    failure = word if isinstance(word, HsmfsError) else None
-                    if proc_ready and ready.open:
+                readable = session.wait(None if restart_at is None else restart_at - time.monotonic())
+                if filler.ready_r in readable:
+                    filler.read_word()
+                    if filler.ready and ready.open:
                         ready.ready()
-                code = proc.poll()
-                alive = view_alive(self.group)
-                if not alive and not others.keep_serving():
-                    if self.ns is not None and not namespace_alive(self.ns):
-                        log.info("the mount namespace of view %s (%s) is gone: every process in it exited; "
-                                 "stopping", self.target, self.namespace)
-                    else:
-                        log.info("view %s is gone; stopping", self.target)
+                code = filler.proc.poll() if restart_at is None else None
+                if session.view_gone():
                     break
-                if alive and self.terms and not detached:
-                    detached = self._try_umount(lazy=self.terms > 1)
+                if session.terms and not detached and session.view_alive():
+                    detached = self._try_umount(lazy=session.terms > 1)
                 if code is not None and ready.open:
                     # never live: take the view away before the group goes, or it would fail open
                     log.error("filler could not start (%s); unmounting %s", _how(code), self.target)
                     detach(self.target, lazy=True, ns=self.ns)
-                    raise failure or FillerFailed(f"the filler could not start ({_how(code)})",
-                                                  hint=f"see {self.log_path}")
+                    raise filler.failure or FillerFailed(f"the filler could not start ({_how(code)})",
+                                                         hint=f"see {self.log_path}")
                 if code is not None:
-                    if ready_r >= 0:
-                        os.close(ready_r)
-                        ready_r = -1
+                    filler.close()
                     # a filler that served restarts at once (readers are waiting); one that dies
                     # while starting is retried with a growing delay
-                    backoff = 0.0 if proc_ready else min(max(backoff * 2, 0.1), BACKOFF_MAX)
+                    backoff = 0.0 if filler.ready else min(max(backoff * 2, 0.1), BACKOFF_MAX)
                     log.error("filler exited (%s); restarting in %.1f s, the group stays held", _how(code), backoff)
-                    time.sleep(backoff)
+                    restart_at = time.monotonic() + backoff
+                if restart_at is not None and time.monotonic() >= restart_at:
+                    restart_at = None
                     restarts += 1
-                    proc, ready_r = self.start_filler(restarts)
-                    proc_ready = False
-                    continue
-                time.sleep(POLL)
+                    filler = Filler(self, session, restarts)
         finally:
-            if proc.poll() is None:
-                proc.terminate()  # our own child
-                proc.wait()
-            stopped = proc.poll() == 0  # the filler committed everything it filled
-            rt.remove()
-            # only now: closing the last holder of the group allows whatever is still pending
-            os.close(self.group)
-            if stopped:
-                end_session(self.store)
+            if filler.proc.poll() is None:
+                filler.proc.terminate()  # our own child
+                filler.proc.wait()
+            filler.close()
+            # the filler committed everything it filled
+            session.end(clean=filler.proc.poll() == 0 and restart_at is None)
         log.info("stopped")
         return 0
-
-    def _on_term(self, *_: object) -> None:
-        self.terms += 1
 
     def _try_umount(self, *, lazy: bool) -> bool:
         """On SIGTERM: unmount the view; while it is busy keep serving (a second SIGTERM detaches it lazily).
@@ -162,17 +135,44 @@ class Supervisor:
             detach(self.target, lazy=lazy, ns=self.ns)
             return True
         except OSError as e:
-            if not self._busy_logged:  # tried every POLL: say it once
+            if not self._busy_logged:  # tried again at every wake-up: say it once
                 log.warning("SIGTERM: view %s is busy (%s); still serving, SIGTERM again to detach it",
                             self.target, e)
                 self._busy_logged = True
             return False
 
 
-def _readable(fd: int) -> bool:
-    import select
+class Filler:
+    """One run of ``python -m hsmfs.filler``: the process (a pidfd of it in the session's poll) and
+    its ready pipe, until it said "ready" or why not."""
 
-    return bool(select.select([fd], [], [], 0)[0])
+    def __init__(self, supervisor: Supervisor, session: Session, restarts: int) -> None:
+        self.session = session
+        self.proc, self.ready_r = supervisor.start_filler(restarts)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        session.wake.add(self.pidfd)
+        session.wake.add(self.ready_r)
+        self.ready = False  # it reported ready
+        self.failure: Optional[HsmfsError] = None  # what it reported instead
+
+    def read_word(self) -> None:
+        word = read_ready(self.ready_r)
+        self.ready = word is True
+        self.failure = word if isinstance(word, HsmfsError) else None
+        self._close_ready()
+
+    def _close_ready(self) -> None:
+        if self.ready_r >= 0:
+            self.session.wake.remove(self.ready_r)
+            os.close(self.ready_r)
+            self.ready_r = -1
+
+    def close(self) -> None:
+        self._close_ready()
+        if self.pidfd >= 0:
+            self.session.wake.remove(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def _how(code: int) -> str:

@@ -235,6 +235,8 @@ def _populate(src: str, st: tree.Store, progress: Optional[ProgressBar]) -> None
 
 def start_supervisor(st: tree.Store, target: str, namespace: Optional[Namespace], config: Optional[str], *,
                   netns_fd: Optional[int] = None) -> None:
+    """Start ``python -m hsmfs.daemon`` in its own session, logging to /var/log/hsmfs/NAME.log, and
+    wait for its word on the ready pipe: "ready", or the error that stopped it, raised here as is."""
     os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
     log_file = log_path(st.name)
     r, w = os.pipe2(os.O_CLOEXEC)

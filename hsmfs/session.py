@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
 import time
 from typing import Optional
 
 from hsmfs import state, tree
+from hsmfs.control import RuntimeRecord
 from hsmfs.filler.marks import VIEW_MASK, mark_tree
 from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy
@@ -23,6 +26,7 @@ from hsmfs.views import (
     attach,
     find_namespace,
     marked_mount,
+    ns_inode,
     open_target,
     other_mounts,
     remote_restrictions,
@@ -160,3 +164,116 @@ def attach_view(group: int, store: tree.Store, target: str, policy: Policy, *, n
     log.info("view of %s live at %s (mount id %d; %d stubs marked, %d files settled)", store.source,
              where, mnt_id, stubs, settled)
     return mnt_id
+
+
+# --- waiting -------------------------------------------------------------------------------------
+
+# The kernel says nothing when a lazily detached view's mount is finally freed (its last user left),
+# nor, in our mountinfo, when a view in another mount namespace goes: those are looked for at this
+# interval. Everything else wakes the session at once.
+RECHECK = 1.0
+
+
+class Wakeups:
+    """One poll() a session waits on: SIGTERM/SIGINT (a signal wake-up fd), mount changes
+    (``/proc/self/mountinfo`` raises POLLPRI on every mount or unmount in this namespace, proc(5)),
+    and the caller's fds (a child's pidfd, its ready pipe). Main thread only (signal.set_wakeup_fd)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = 0  # how many of them arrived
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._on_signal)
+        self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._r, select.POLLIN)
+        self._poll.register(self._mountinfo, select.POLLPRI)
+
+    def _on_signal(self, *_: object) -> None:
+        self.signals += 1
+
+    def add(self, fd: int) -> None:
+        self._poll.register(fd, select.POLLIN)
+
+    def remove(self, fd: int) -> None:
+        self._poll.unregister(fd)
+
+    def wait(self, timeout: Optional[float]) -> set[int]:
+        """The caller's fds that are readable, after at most timeout seconds (None: no limit)."""
+        ready = {fd for fd, _ in self._poll.poll(None if timeout is None else max(0, int(timeout * 1000)))}
+        if self._r in ready:
+            try:
+                while os.read(self._r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        # mountinfo needs no read: poll itself takes note of the change it reports
+        return ready - {self._r, self._mountinfo}
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for fd in (self._r, self._w, self._mountinfo):
+            os.close(fd)
+
+
+class Session:
+    """One mount's session, whoever holds its group: the supervisor (hsmfs.daemon.Supervisor) or
+    hsmfs@.service (hsmfs.systemd.Service).
+
+    ``begin`` publishes the runtime record (/run/hsmfs/NAME.json) and takes SIGTERM/SIGINT; ``wait``
+    sleeps on one poll() until something happens; ``view_gone`` says when the view and every other
+    mount of its tree are gone (then the session ends); ``end`` removes the record, closes the group
+    (only then: while any process holds it, pending events wait) and, after a clean stop, records
+    that no session runs.
+    """
+
+    def __init__(self, group: int, store: tree.Store, target: str, *, view_ns: Optional[int] = None,
+                 namespace: Optional[str] = None) -> None:
+        self.group = group
+        self.store = store
+        self.target = target
+        self.view_ns = view_ns  # the view's mount namespace, when not ours
+        self.namespace = namespace
+        self.wake = Wakeups()
+        self.others = OtherMountsWatch(store.tree, target, view_ns if view_ns is not None else ns_inode())
+        self.record: Optional[RuntimeRecord] = None
+
+    @property
+    def terms(self) -> int:
+        """SIGTERMs (and SIGINTs) received."""
+        return self.wake.signals
+
+    def begin(self, mnt_id: int, log_: str) -> None:
+        self.record = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
+                                    source=self.store.source, target=self.target, namespace=self.namespace,
+                                    mnt_id=mnt_id, log=log_)
+        self.record.save()
+
+    def view_alive(self) -> bool:
+        return view_alive(self.group)
+
+    def view_gone(self) -> bool:
+        """The view and every other mount of its tree are gone (logged once, with why)."""
+        if self.view_alive() or self.others.keep_serving():
+            return False
+        if self.view_ns is not None and not namespace_alive(self.view_ns):
+            log.info("the mount namespace of view %s (%s) is gone: every process in it exited; stopping",
+                     self.target, self.namespace)
+        else:
+            log.info("view %s is gone; stopping", self.target)
+        return True
+
+    def wait(self, timeout: Optional[float] = None) -> set[int]:
+        """Until a signal, a mount change, one of the fds added to self.wake, or timeout (capped at
+        RECHECK: see there)."""
+        return self.wake.wait(RECHECK if timeout is None else min(timeout, RECHECK))
+
+    def end(self, *, clean: bool) -> None:
+        if self.record is not None:
+            self.record.remove()
+        self.wake.close()
+        # only now: closing the last holder of the group allows whatever is still pending
+        os.close(self.group)
+        if clean:
+            end_session(self.store)

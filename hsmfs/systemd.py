@@ -32,30 +32,26 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Callable, Optional
 
 from hsmfs import sdnotify, tree
-from hsmfs.control import RuntimeRecord
 from hsmfs.errors import Busy, ConfigError, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.takeover import new_session
 from hsmfs.places import RUN_DIR, STORE_ROOT, UNIT_PARAMS_DIR
 from hsmfs.policy import load_policy
 from hsmfs.process import ignore_lease_breaks, setup_logging
-from hsmfs.session import OtherMountsWatch, attach_view, end_session, new_group, view_alive
-from hsmfs.views import detach, is_mountpoint, marked_mount, ns_inode
+from hsmfs.session import Session, attach_view, new_group, view_alive
+from hsmfs.views import detach, is_mountpoint, marked_mount
 
 log = logging.getLogger("hsmfs.systemd")
 
 TEMPLATE = "hsmfs@.service"
 DEFAULT_PYTHON = "/usr/bin/python3"  # what hsmfs/data/units/hsmfs@.service runs; install-units puts in sys.executable
-POLL = 0.2  # seconds between looks at the view
 START_EXTENSION_USEC = 10 * 60 * 1_000_000  # marking a large tree may outlast TimeoutStartSec=
 
 
@@ -187,7 +183,6 @@ class Service:
     def __init__(self, target: str) -> None:
         self.target = target
         self.unit = service_name(target)
-        self.stop = threading.Event()
         self.fds = _Store()
 
     def run(self) -> int:
@@ -238,15 +233,11 @@ class Service:
             if isinstance(e, OSError):  # run_main would say the same; the unit ends with 71
                 raise SystemCallFailed.of(e) from None
             raise  # run_main logs it; its exit code tells systemd whether a restart can help
-        rt = RuntimeRecord(name=store.name, pid=os.getpid(), store=store.path, source=store.source,
-                           target=self.target, namespace=None, mnt_id=mnt_id, log=f"journalctl -u {self.unit}")
-        rt.save()
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        session = Session(group, store, self.target)  # takes SIGTERM and SIGINT
+        session.begin(mnt_id, f"journalctl -u {self.unit}")
         sdnotify.notify(f"READY=1\nSTATUS=serving {store.source} at {self.target}")
-        others = OtherMountsWatch(store.tree, self.target, ns_inode())
-        self._serve(group, serving.filler.status, others)
-        if self.stop.is_set():
+        self._serve(session, serving.filler.status)
+        if session.terms:
             sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.target}")
             if view_alive(group):  # (systemctl stop of the mount unmounted it already)
                 serving.filler.flush()  # fds held for the commit keep the view busy
@@ -259,33 +250,31 @@ class Service:
                         detach(self.target, lazy=True)
                     elif view_alive(group):
                         log.error("cannot unmount %s: %s", self.target, e)
-            self.stop.clear()
             # returns at once unless a detached view is in use or another mount of the tree is left (then
-            # until the stop times out)
-            self._serve(group, serving.filler.status, others)
+            # until the stop times out, or another SIGTERM)
+            self._serve(session, serving.filler.status)
         else:
             sdnotify.notify("STOPPING=1")
         serving.close()  # every fill is committed
-        rt.remove()
-        os.close(group)
-        end_session(store)
+        session.end(clean=True)
         log.info("stopped")
         return 0
 
-    def _serve(self, group: int, probe: Callable[[], object], others: OtherMountsWatch) -> None:
-        """Until SIGTERM, or the view and every other mount of its tree are gone; pings the watchdog
-        while the filler answers ``probe``."""
+    def _serve(self, session: Session, probe: Callable[[], object]) -> None:
+        """Until a SIGTERM, or the view and every other mount of its tree are gone; pings the watchdog
+        while the filler answers ``probe``. Sleeps on the session's poll() in between."""
         usec = sdnotify.watchdog_usec()
         every = usec / 2e6 if usec else None
         last = time.monotonic()
-        while not self.stop.wait(min(POLL, every) if every else POLL):
-            if not view_alive(group) and not others.keep_serving():
-                log.info("the view at %s is gone; stopping", self.target)
+        terms = session.terms
+        while session.terms == terms:
+            if session.view_gone():
                 return
             if every and time.monotonic() - last >= every:
                 probe()  # takes the filler's lock: a wedged filler stops the pings, systemd restarts it
                 sdnotify.notify("WATCHDOG=1")
                 last = time.monotonic()
+            session.wait(None if every is None else last + every - time.monotonic())
 
 
 def main(argv: list[str]) -> int:
