@@ -28,7 +28,7 @@ from hsmfs import tree
 from hsmfs.errors import FillerFailed, HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.takeover import new_session
 from hsmfs.policy import load_policy
-from hsmfs.process import ReadyPipe, read_ready, run_main, setup_logging
+from hsmfs.process import ReadyPipe, oom_score_adj, read_ready, run_main, setup_logging
 from hsmfs.session import Session, attach_view, new_group
 from hsmfs.views import detach
 
@@ -194,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         policy = load_policy(args.config)
         setup_logging(policy.log_level)
+        oom_score_adj(-1000)
         store = tree.Store.load(args.store)
         if store is None:
             raise SourceMissing(f"{args.store} is not an hsmfs store")

@@ -39,6 +39,20 @@ def setup_logging(level: str, *, fmt: str = DAEMON_FORMAT) -> None:
     root.setLevel(level.upper())
 
 
+def oom_score_adj(value: int) -> None:
+    """Set this process's OOM score adjustment (children inherit it). -1000: never chosen by the
+    OOM killer. The supervisor holds the fanotify group: if it and the filler both die, the group
+    is released and every stub of a view still mounted reads as holes (docs/kernel.md#k6), so it is
+    the one process the OOM killer must not take; the filler, which a supervisor restarts, sets 0."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError as e:
+        logging.getLogger("hsmfs").warning("cannot set oom_score_adj to %d: %s%s", value, e,
+                                           " (lowering it needs CAP_SYS_RESOURCE): the OOM killer may choose "
+                                           "this process" if value < 0 else "")
+
+
 def ignore_lease_breaks() -> None:
     """Eviction holds write leases: an open by anyone else sends the holder SIGIO, whose default
     action would kill it. hsmfs releases its leases within milliseconds anyway."""

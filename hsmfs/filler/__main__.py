@@ -21,7 +21,7 @@ from hsmfs.errors import HsmfsError, SourceMissing, SystemCallFailed
 from hsmfs.filler.service import Serving
 from hsmfs.filler.takeover import pin_fd_limit
 from hsmfs.policy import load_policy
-from hsmfs.process import ReadyPipe, ignore_lease_breaks, run_main, setup_logging
+from hsmfs.process import ReadyPipe, ignore_lease_breaks, oom_score_adj, run_main, setup_logging
 
 log = logging.getLogger("hsmfs.filler")
 
@@ -48,6 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         policy = load_policy(args.config)
         setup_logging(policy.log_level)
         pin_fd_limit()
+        oom_score_adj(0)  # the supervisor's -1000 is inherited; a filler is restarted, not protected
         ignore_lease_breaks()
         store = tree.Store.load(args.store)
         if store is None:
