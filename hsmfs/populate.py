@@ -68,6 +68,7 @@ from typing import Callable, NamedTuple, NoReturn, Optional
 
 from hsmfs import tree
 from hsmfs.errors import CannotCreate, HsmfsError, SourceMissing
+from hsmfs.linux import die_with_parent
 from hsmfs.linux.fs import Statx, statx, syncfs
 from hsmfs.names import escape
 from hsmfs.trust import SourceReplaced, same_source, source_identity
@@ -829,11 +830,10 @@ def _run(jobs: Sequence[Job], workers: int, run: _Populate) -> None:
 def _worker(jobs: Sequence[Job], w: int, parent: int) -> NoReturn:  # pragma: no cover - the worker
     code = 0
     try:
+        die_with_parent(parent)  # populate killed: its workers go with it
         created = kept = 0
         last = time.monotonic()
         for job in jobs:
-            if os.getppid() != parent:  # populate was killed
-                os._exit(1)
             c, k = job()
             created += c
             kept += k
