@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 from typing import Callable
 
 from conftest import LoopFS, View, hsmfs
@@ -175,3 +176,25 @@ def test_a_new_session_ignores_an_old_journal(loopfs: LoopFS, make_view: Callabl
     assert read(v.path("d0/f1")) == data["d0/f1"]
     assert state_of(v, "d0/f1") in ("stub", "resident")
     assert "took over" not in v.log
+
+
+def test_tar_of_a_cold_view_sees_no_file_change(loopfs: LoopFS, make_view: Callable[..., View]) -> None:
+    """GNU tar compares a file's ctime before and after it reads it ("file changed as we read it",
+    exit 1). Fills, fill-ahead and commits run while tar reads a cold view; none of them may change
+    a file tar has started on (commits once rewrote the stub record: 1 run in 4 failed)."""
+    import tarfile
+
+    src = os.path.join(loopfs.fresh_dir("dp"), "src")
+    data = make_tree(src, random.Random(7), dirs=4, files=30)
+    v = make_view(src, "--config", policy(loopfs, "commit_interval = 0.01\n"))
+    out = os.path.join(loopfs.base, f"{v.name}.tar")
+    try:
+        r = subprocess.run(["tar", "-cSf", out, "-C", v.target, "."], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        with tarfile.open(out) as t:
+            for rel, want in data.items():
+                f = t.extractfile("./" + rel)
+                assert f is not None and f.read() == want, rel
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
