@@ -421,15 +421,15 @@ def test_fill_that_cannot_fit_evicts_nothing(loopfs: LoopFS, small_store: SmallF
 
         got = as_user(NOBODY, timed_read, v.path("huge"))
         assert got.get("errno") == errno.ENOSPC and got["secs"] < FAST, show(got)
-        line = log_says(v, "huge", "the store has room for .* but this file needs")
-        assert "readers get ENOSPC" in line, line
-        assert_still_stub(v, "huge")
         still = {rel: (state.state_in_store(store_file(v, rel)).value,
                        tree.resident_bytes(os.lstat(store_file(v, rel)))) for rel in others}
         assert all(s == ("resident", 2 * MiB) for s in still.values()), \
             f"evicted for a fill that could not fit: {still}"
         f = v.status()["filler"]
         assert f["evictions"] == 0, f
+        line = log_says(v, "huge", "the store has room for .* but this file needs")
+        assert "readers get ENOSPC" in line, line
+        assert_still_stub(v, "huge")
         print(f"\n{loopfs.fstype}: {huge} bytes into a store with {free} free: {show(got)}, evictions "
               f"{f['evictions']}; log: {line}")
     finally:
