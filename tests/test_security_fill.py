@@ -245,29 +245,42 @@ def test_fifos_do_not_wedge_fills(loopfs: LoopFS, views: Callable[..., View]) ->
             os.unlink(p)
             os.mkfifo(p, 0o644)
 
-    as_user(OWNER, to_fifos, [os.path.join(src, rel) for rel in fifos])
+    paths = [os.path.join(src, rel) for rel in fifos]
+    as_user(OWNER, to_fifos, paths)
+    try:
+        readers = {rel: AsUser(READER, timed_read, v.path(rel)) for rel in fifos}
+        readers["normal"] = AsUser(READER, timed_read, v.path("normal"))  # meanwhile
+        got = {rel: r.result() for rel, r in readers.items()}
+        report = ", ".join(f"{rel}: {show(g)}" for rel, g in got.items())
+        for rel in fifos:
+            assert got[rel].get("errno") == errno.EIO and got[rel]["secs"] < FAST, report
+            log_says(v, rel, "source path is no longer a regular file")
+            assert_still_stub(v, rel)
+        assert got["normal"].get("sha") == sha(data["normal"]) and got["normal"]["secs"] < FAST, report
+        # the workers are free: the FIFOs again, all at once, and a file nobody has read yet
+        again = [AsUser(READER, timed_read, v.path(rel)) for rel in fifos]
+        later = as_user(READER, timed_read, v.path("later"))
+        assert later.get("sha") == sha(data["later"]) and later["secs"] < FAST, show(later)
+        assert all(r.result().get("errno") == errno.EIO for r in again)
 
-    readers = {rel: AsUser(READER, timed_read, v.path(rel)) for rel in fifos}
-    readers["normal"] = AsUser(READER, timed_read, v.path("normal"))  # meanwhile
-    got = {rel: r.result() for rel, r in readers.items()}
-    report = ", ".join(f"{rel}: {show(g)}" for rel, g in got.items())
-    for rel in fifos:
-        assert got[rel].get("errno") == errno.EIO and got[rel]["secs"] < FAST, report
-        log_says(v, rel, "source path is no longer a regular file")
-        assert_still_stub(v, rel)
-    assert got["normal"].get("sha") == sha(data["normal"]) and got["normal"]["secs"] < FAST, report
-    # the workers are free: the FIFOs again, all at once, and a file nobody has read yet
-    again = [AsUser(READER, timed_read, v.path(rel)) for rel in fifos]
-    later = as_user(READER, timed_read, v.path("later"))
-    assert later.get("sha") == sha(data["later"]) and later["secs"] < FAST, show(later)
-    assert all(r.result().get("errno") == errno.EIO for r in again)
+        t0 = time.monotonic()
+        r = hsmfs("umount", v.target, check=False, timeout=180)
+        took = time.monotonic() - t0
+        v.mounted = r.returncode != 0  # the fixture cleans up what a failed umount left
+        assert r.returncode == 0 and took < 60, f"hsmfs umount: {r.returncode} after {took:.1f} s\n{r.stdout}{r.stderr}"
+        print(f"\n{loopfs.fstype}: {report}; later: {show(later)}; umount {took:.1f} s")
+    finally:
+        unwedge(paths)
 
-    t0 = time.monotonic()
-    r = hsmfs("umount", v.target, check=False, timeout=180)
-    took = time.monotonic() - t0
-    v.mounted = r.returncode != 0  # the fixture cleans up what a failed umount left
-    assert r.returncode == 0 and took < 60, f"hsmfs umount: {r.returncode} after {took:.1f} s\n{r.stdout}{r.stderr}"
-    print(f"\n{loopfs.fstype}: {report}; later: {show(later)}; umount {took:.1f} s")
+
+def unwedge(fifos: list[str]) -> None:
+    """Open each FIFO for writing and close it: an open for reading blocked on it (a filler that
+    opens sources blocking, as hsmfs once did) returns, so that a failed test leaves no stuck filler."""
+    for p in fifos:
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            pass  # no reader (ENXIO): nothing is blocked on it
 
 
 # -- 5: sparse source files, and fills that cannot fit -------------------------------------------------
