@@ -451,6 +451,48 @@ def test_fill_that_cannot_fit_evicts_nothing(loopfs: LoopFS, small_store: SmallF
         shutil.rmtree(src, ignore_errors=True)
 
 
+BUDGET_POLICY = 'max_resident_bytes = "8M"\ncommit_interval = 0.05\nfill_ahead = false\n'
+
+
+def test_fill_larger_than_the_budget_evicts_nothing(loopfs: LoopFS, views: Callable[..., View], tmp_path: Any) -> None:
+    """The same with a space budget: a file with more data than max_resident_bytes is refused with
+    ENOSPC at once. (It used to be filled; the evictor then evicted every other resident file, and
+    the big file itself once it was closed.)"""
+    src = loopfs.fresh_dir("overbudget")
+    os.chmod(src, 0o755)
+    try:
+        rnd = random.Random(9)
+        others = {f"theirs{i}": rnd.randbytes(MiB) for i in range(5)}
+        for rel, b in others.items():
+            write_file(os.path.join(src, rel), b, VICTIM)
+        write_file(os.path.join(src, "big"), rnd.randbytes(12 * MiB), OWNER)
+        cfg = tmp_path / "budget.toml"
+        cfg.write_text(BUDGET_POLICY)
+        v = views(src, "--config", str(cfg))
+        for rel, b in others.items():
+            got = as_user(VICTIM, timed_read, v.path(rel))
+            assert got.get("sha") == sha(b), show(got)
+        for rel in others:
+            wait_for(lambda rel=rel: state.state_in_store(store_file(v, rel)) is state.FileState.RESIDENT,
+                     f"{rel} committed resident", timeout=60)
+
+        got = as_user(NOBODY, timed_read, v.path("big"))
+        time.sleep(2)  # a fill that went ahead commits, and its commit wakes the evictor
+        still = {rel: (state.state_in_store(store_file(v, rel)).value,
+                       tree.resident_bytes(os.lstat(store_file(v, rel)))) for rel in others}
+        f = v.status()["filler"]
+        assert got.get("errno") == errno.ENOSPC and got["secs"] < FAST, \
+            f"{show(got)}; then {f['evictions']} evictions, the others: {still}"
+        assert all(s == ("resident", MiB) for s in still.values()), f"evicted for a fill that could not fit: {still}"
+        assert f["evictions"] == 0, f
+        line = log_says(v, "big", "more than the whole space budget")
+        assert "readers get ENOSPC" in line, line
+        assert_still_stub(v, "big")
+        print(f"\n{loopfs.fstype}: 12 MiB under an 8 MiB budget: {show(got)}; log: {line}")
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 # -- the suspected item: a lease on a source file -----------------------------------------------------
 
 
