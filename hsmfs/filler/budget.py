@@ -12,7 +12,8 @@ scans the tree for the exact figure and evicts down to the low watermark.
 Before a fill writes, :func:`make_room` checks the store's free space as an unprivileged user
 would see it (root's reserved blocks are not for fills): a fill that fits goes ahead; one that
 could fit once clean files are evicted makes that room first; one that cannot fit even then is
-refused at once (ENOSPC), without evicting anything for it.
+refused at once (ENOSPC), without evicting anything for it. So is a fill that needs more bytes
+than the whole budget (max_resident_bytes): the evictor would evict everything else for it.
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ def room_after_enospc(filler: Filler, size: int, err: SourceError) -> None:
 
 def make_room(filler: Filler, need: int) -> None:
     """Before a fill writes need bytes; SourceError(ENOSPC) if they cannot fit even after evicting."""
+    budget = filler.budget
+    if budget is not None and need > budget.limit:
+        # filled, it would go over the whole budget alone: the evictor would then evict every other
+        # resident file, and this one too once closed
+        raise NoRoom(f"this file needs {need} bytes, more than the whole space budget (max_resident_bytes = "
+                     f"{budget.limit}); raise max_resident_bytes to serve it", errno.ENOSPC)
     now = time.monotonic()
     if now < filler.room_until and need <= filler.room_left:  # asked less than a second ago
         filler.room_left -= need
