@@ -601,6 +601,12 @@ class Filler:
         elif job.kind == "ahead":
             self.ahead.done(job.reserved)
 
+    def _busy(self, ino: Ino) -> bool:
+        """Under the lock: being filled or evicted, or filled and not yet in the state log. A file
+        whose commit runs is still a stub in the log: filling it again would compare every byte
+        with the source for nothing, and give it a new ctime the commit does not record."""
+        return ino in self._inflight or ino in self._pending or ino in self._committing_inos
+
     def fill_ahead(self, path: str, size: int) -> None:
         """Fill the stub at path (relative to the tree) if it still is one and nobody fills it yet."""
         try:
@@ -613,13 +619,13 @@ class Filler:
             st = os.fstat(fd)
             ino = (st.st_dev, st.st_ino)
             with self._lock:
-                busy = ino in self._inflight or ino in self._pending
+                busy = self._busy(ino)
             if not busy:
                 rec = tree.read_record(fd)
                 key = state.key_of(fd)
                 if self.log.state(rec, st, key) is FileState.STUB:
                     with self._lock:
-                        if ino not in self._inflight and ino not in self._pending:
+                        if not self._busy(ino):
                             job = Job(ino, "ahead", key, rec=rec, fd=fd, reserved=size)
                             self._inflight[ino] = job
         except (OSError, tree.RecordError):
@@ -795,7 +801,7 @@ class Filler:
         st = os.fstat(fd)
         ino = (st.st_dev, st.st_ino)
         with self._lock:
-            if ino in self._inflight or ino in self._pending or ino in self._committing_inos:
+            if self._busy(ino):
                 return None
             job = Job(ino, "evict", state.key_of(fd))
             self._inflight[ino] = job

@@ -74,9 +74,10 @@ def fill(fd: int, rec: Record, source: Source, rel: str, *, room: Optional[Room]
                 from None
     finally:
         obj.close()
-    if not users:
+    if not users and (need or st.st_mtime_ns != rec.mtime_ns):
         # writing bumped mtime: restore the source's, or make rebuilds everything. atime is the time
-        # of this access: the space budget evicts the least recently used files first.
+        # of this access: the space budget evicts the least recently used files first. A file that
+        # held every byte already keeps its times: its ctime may be what a commit recorded
         os.utime(fd, ns=(time.time_ns(), rec.mtime_ns))
     return Filled(os.fstat(fd).st_ctime_ns, users, need)
 
