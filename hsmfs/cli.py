@@ -143,10 +143,7 @@ def umount(
               f"namespace owns remain ({foreign}): its filler (supervisor pid {rt.pid}) serves them until they "
               "are gone, then exits", file=sys.stderr)
         return
-    deadline = time.monotonic() + 60
-    while rt.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if rt.alive():
+    if not rt.wait_exit(60):
         print(f"hsmfs: unmounted {escape(rt.target)}; its supervisor (pid {rt.pid}) has not stopped yet, see {rt.log}",
               file=sys.stderr)
         return

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from hsmfs.errors import HsmfsError
 from hsmfs.places import RUN_DIR, journal_path, record_path, socket_path
+from hsmfs.process import start_time, wait_exit
 from hsmfs.tree import atomic_write
 
 RECONNECT_WAIT = 15.0  # seconds a client waits for a restarting filler's socket
@@ -50,6 +51,7 @@ class RuntimeRecord:
     namespace: Optional[str]
     mnt_id: int
     log: str
+    started: Optional[int] = None  # pid's start time (hsmfs.process.start_time); None: an older hsmfs wrote it
 
     @property
     def socket(self) -> str:
@@ -67,13 +69,20 @@ class RuntimeRecord:
                 pass
 
     def alive(self) -> bool:
-        """Whether pid is still this mount's supervisor (hsmfs.daemon) or hsmfs@.service's filler."""
-        try:
+        """Whether the process that wrote this record (the supervisor, or hsmfs@.service's main
+        process) still runs: its pid, started when the record says."""
+        if self.started is not None:
+            return start_time(self.pid) == self.started
+        try:  # a record an older hsmfs wrote, without a start time: the pid must still run hsmfs
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             return False
         return b"hsmfs.daemon" in argv or (b"hsmfs.filler" in argv and b"--systemd" in argv)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for that process to end; whether it has."""
+        return not self.alive() or wait_exit(self.pid, self.started, timeout)
 
 
 def runtime_records() -> list[RuntimeRecord]:

@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,7 +37,7 @@ from hsmfs.mounting import mount, prepare_mount
 from hsmfs.names import EscapingFormatter
 from hsmfs.process import JournalFormatter, journal_stderr
 from hsmfs.systemd import Params, service_name, write_params
-from hsmfs.views import is_mountpoint
+from hsmfs.views import wait_mounted
 
 log = logging.getLogger("mount.hsmfs")
 
@@ -154,11 +153,8 @@ def mount_with_systemd(inv: Invocation) -> None:
     if r.returncode != 0:
         raise HelperError(f"{unit} did not start ({r.stdout.strip() or f'systemctl exit {r.returncode}'}); "
                           f"see journalctl -u {unit}", EX_FAIL)
-    deadline = time.monotonic() + MOUNT_WAIT
-    while not is_mountpoint(target):
-        if time.monotonic() > deadline:
-            raise HelperError(f"{unit} is running but {target} is not mounted; see journalctl -u {unit}", EX_FAIL)
-        time.sleep(0.05)
+    if not wait_mounted(target, MOUNT_WAIT):
+        raise HelperError(f"{unit} is running but {target} is not mounted; see journalctl -u {unit}", EX_FAIL)
     log.info("%s is live at %s (%s)", st.source, target, unit)
 
 

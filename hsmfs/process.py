@@ -26,6 +26,34 @@ log = logging.getLogger("hsmfs")
 DAEMON_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
 
+def start_time(pid: int) -> Optional[int]:
+    """When process pid started, in clock ticks since boot (proc(5), stat field 22); None if no
+    process has that pid, or it has exited (a zombie). A pid and its start time name one process
+    for good: a later process given the same pid has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_exit(pid: int, started: Optional[int], timeout: float) -> bool:
+    """Wait up to timeout seconds for the process (pid, started) to end; whether it has. Sleeps on
+    a pidfd, which becomes readable when its process exits."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if started is not None and start_time(pid) != started:
+            return True  # the pid names another process now: ours is gone
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
 def setup_logging(level: str, *, fmt: str = DAEMON_FORMAT) -> None:
     """One handler on stderr for the whole process; every message escaped (hsmfs.names)."""
     handler = logging.StreamHandler(sys.stderr)

@@ -20,6 +20,7 @@ from hsmfs.control import RuntimeRecord
 from hsmfs.filler.marks import VIEW_MASK, mark_tree
 from hsmfs.linux import fanotify as fan
 from hsmfs.policy import Policy
+from hsmfs.process import start_time
 from hsmfs.state import StateLog
 from hsmfs.trust import open_source_root
 from hsmfs.views import (
@@ -247,7 +248,7 @@ class Session:
     def begin(self, mnt_id: int, log_: str) -> None:
         self.record = RuntimeRecord(name=self.store.name, pid=os.getpid(), store=self.store.path,
                                     source=self.store.source, target=self.target, namespace=self.namespace,
-                                    mnt_id=mnt_id, log=log_)
+                                    mnt_id=mnt_id, log=log_, started=start_time(os.getpid()))
         self.record.save()
 
     def view_alive(self) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
@@ -273,6 +275,24 @@ def is_mountpoint(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     path = os.path.realpath(path)
     with open(mountinfo) as f:
         return any(_unescape(line.split(" ", 5)[4]) == path for line in f)
+
+
+def wait_mounted(path: str, timeout: float) -> bool:
+    """Wait up to timeout seconds for something to be mounted at path; whether it is. Wakes on
+    mount changes only: ``/proc/self/mountinfo`` raises POLLPRI on each one (proc(5))."""
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLPRI)  # from the table as it was at the open
+        deadline = time.monotonic() + timeout
+        while not is_mountpoint(path):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            p.poll(int(left * 1000) + 1)
+        return True
+    finally:
+        os.close(fd)
 
 
 def marked_mount(group: int) -> Optional[int]:

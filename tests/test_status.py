@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from typing import Callable
 
 import pytest
 from conftest import LoopFS, View, hsmfs
 
+from hsmfs.control import RuntimeRecord
 from hsmfs.places import RUN_DIR
+from hsmfs.process import start_time
 
 
 @pytest.mark.root
@@ -58,3 +62,23 @@ def test_mount_names_the_supervisor_pid(loopfs: LoopFS, make_view: Callable[...,
     with open(os.path.join(RUN_DIR, v.name + ".json")) as f:
         assert int(m.group(1)) == json.load(f)["pid"]
     assert "filler pid" not in r.stderr
+
+
+def test_a_runtime_record_names_one_process() -> None:
+    """A mount's record names its process by pid and start time: a pid that another process got
+    since is not the mount's, an exited one (a zombie) neither; umount waits on a pidfd."""
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = RuntimeRecord(name="x", pid=p.pid, store="/s", source="/src", target="/t", namespace=None, mnt_id=1,
+                            log="/l", started=start_time(p.pid))
+        assert rec.started is not None and rec.alive()
+        assert not replace(rec, started=rec.started - 1).alive(), "another process with the same pid"
+        t0 = time.monotonic()
+        assert not rec.wait_exit(0.2) and time.monotonic() - t0 >= 0.2
+        p.kill()
+        assert rec.wait_exit(5)
+        assert not rec.alive(), "a zombie is not alive"
+    finally:
+        p.kill()
+        p.wait()
+    assert not rec.alive() and rec.wait_exit(0)

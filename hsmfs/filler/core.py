@@ -340,7 +340,7 @@ class Filler:
     def _wait_done(self, job: Job) -> None:
         with self._lock:
             while self._inflight.get(job.ino) is job:
-                self._committed.wait(0.05)
+                self._committed.wait()  # notified when a fill ends
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -691,14 +691,18 @@ class Filler:
                 self._commit_cv.notify_all()
                 deadline = time.monotonic() + timeout
                 mine = set(self._pending) | {p.ino for p in self._committing}
-                while time.monotonic() < deadline:
+                while True:
                     waiting = set(self._pending) | {p.ino for p in self._committing}
                     busy = any(j.kind != "evict" for j in self._inflight.values()) or self._verifying
                     if fills and not waiting and not busy:
                         break
                     if not fills and not (mine & waiting):
                         break
-                    self._committed.wait(0.05)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    # notified by whatever can end the wait: a fill's end, a commit's, the verifier's
+                    self._committed.wait(left)
             finally:
                 self._flushes -= 1
 
