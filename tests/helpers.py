@@ -3,12 +3,20 @@ source tree of random files. Fixtures live in conftest.py; this module has plain
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import random
+import signal
 import subprocess
 import time
+import traceback
 from collections.abc import Mapping, Sequence
-from typing import Callable
+from typing import Any, Callable, Optional
+
+PR_SET_SECUREBITS = 28
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def wait_for(pred: Callable[[], bool], what: str, *, timeout: float = 30, step: float = 0.05) -> None:
@@ -41,3 +49,49 @@ def make_source(root: str, sizes: Mapping[str, int], *, seed: int = 0,
         with open(path, "wb") as f:
             f.write(data[rel])
     return src, data
+
+
+class AsUser:
+    """fn(*args) run by a forked child as uid (gid, supplementary groups); .result() is its return
+    value, which goes back as JSON. The child dies by SIGALRM after limit seconds.
+
+    keep_caps: the child keeps root's effective capabilities (SECBIT_NO_SETUID_FIXUP), so only
+    checks made on its uid, not on its capabilities, refuse it."""
+
+    def __init__(self, uid: int, fn: Callable[..., Any], *args: Any, gid: Optional[int] = None,
+                 groups: Sequence[int] = (), limit: int = 120, keep_caps: bool = False) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.close(r)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(limit)
+                if keep_caps and _libc.prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
+                g = uid if gid is None else gid
+                os.setgroups(list(groups))
+                os.setresgid(g, g, g)
+                os.setresuid(uid, uid, uid)
+                os.chdir("/")
+                data = json.dumps({"result": fn(*args)}).encode()
+                code = 0
+            except BaseException:
+                data = json.dumps({"error": traceback.format_exc()}).encode()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(w, view):]
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self._fd = pid, r
+
+    def result(self) -> Any:
+        with os.fdopen(self._fd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        reply = json.loads(data) if data else {"error": f"the child died: wait status {status:#x}"}
+        assert "error" not in reply, reply["error"]
+        return reply["result"]

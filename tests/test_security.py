@@ -9,21 +9,19 @@ is compared with the same operation, by the same user, on the source itself.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import random
 import shutil
-import signal
 import socket
 import stat
 import subprocess
-import traceback
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 from conftest import LoopFS, View, hsmfs
+from helpers import AsUser
 
 from hsmfs.linux.fs import fs_type
 from hsmfs.places import LOG_DIR, RUN_DIR, STORE_ROOT
@@ -32,10 +30,6 @@ from hsmfs.views import is_mountpoint
 NOBODY = 65534
 GROUP = 4242  # a group nobody is not in, unless a check adds it
 
-# prctl(2): keep the effective capabilities across setresuid(0 -> 65534), so a child with uid 65534
-# can still pass the 0600 socket's permission check and reach the SO_PEERCRED check behind it.
-PR_SET_SECUREBITS = 28
-SECBIT_NO_SETUID_FIXUP = 1 << 2
 CAP_DAC_OVERRIDE = 1
 
 # The source of the permission tests: (path, kind, mode, uid, gid).
@@ -82,40 +76,10 @@ def in_child(fn: Callable[..., Any], *args: Any, groups: Sequence[int] = (), kee
     """Return fn(*args) as run by a forked child as uid/gid 65534 (its result goes back as JSON).
 
     keep_caps: the child keeps root's effective capabilities (SECBIT_NO_SETUID_FIXUP), so only
-    checks made on its uid, not on its capabilities, refuse it.
+    checks made on its uid, not on its capabilities, refuse it: it passes the 0600 control socket's
+    permission check and reaches the SO_PEERCRED check behind it.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(r)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(60)  # a hung fill kills the child, not the suite
-            if keep_caps and libc.prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
-            os.setgroups(list(groups))
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            os.chdir("/")
-            data = json.dumps({"result": fn(*args)}).encode()
-            code = 0
-        except BaseException:
-            data = json.dumps({"error": traceback.format_exc()}).encode()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view):]
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    reply = json.loads(data) if data else {"error": f"the child died: wait status {status}"}
-    assert "error" not in reply, reply["error"]
-    return reply["result"]
+    return AsUser(NOBODY, fn, *args, groups=groups, limit=60, keep_caps=keep_caps).result()
 
 
 def attempt(op: Callable[..., object], *args: Any) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import random
 import re
@@ -34,13 +33,12 @@ import signal
 import subprocess
 import tempfile
 import time
-import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 from conftest import LoopFS, View, hsmfs
-from helpers import wait_for
+from helpers import AsUser, wait_for
 from test_budget import SMALL_FS, SmallFS
 from test_security import NOBODY
 
@@ -56,47 +54,6 @@ F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 # -- running things as another user ----------------------------------------------------------------
-
-
-class AsUser:
-    """fn(*args) run by a forked child as uid (gid, supplementary groups); .result() is its return
-    value, which goes back as JSON. The child dies by SIGALRM after limit seconds."""
-
-    def __init__(self, uid: int, fn: Callable[..., Any], *args: Any, gid: int | None = None,
-                 groups: Sequence[int] = (), limit: int = 120) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                os.close(r)
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(limit)
-                g = uid if gid is None else gid
-                os.setgroups(list(groups))
-                os.setresgid(g, g, g)
-                os.setresuid(uid, uid, uid)
-                os.chdir("/")
-                data = json.dumps({"result": fn(*args)}).encode()
-                code = 0
-            except BaseException:
-                data = json.dumps({"error": traceback.format_exc()}).encode()
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(w, view):]
-            finally:
-                os._exit(code)
-        os.close(w)
-        self.pid, self._fd = pid, r
-
-    def result(self) -> Any:
-        with os.fdopen(self._fd, "rb") as f:
-            data = f.read()
-        _, status = os.waitpid(self.pid, 0)
-        reply = json.loads(data) if data else {"error": f"the child died: wait status {status:#x}"}
-        assert "error" not in reply, reply["error"]
-        return reply["result"]
 
 
 def as_user(uid: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
