@@ -25,15 +25,17 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from hsmfs import manifest as mf
 from hsmfs.errors import CannotCreate, HsmfsError
 from hsmfs.names import escape
 from hsmfs.scan import scan
+from hsmfs.tree import atomic_write
 
 log = logging.getLogger("hsmfs.publish")
 CHUNK = 1 << 20
@@ -162,41 +164,20 @@ class _LocalDest(_Dest):
             out.update(n for n in names if len(n) == 64)
         return out
 
-    def _write(self, key: str, write: Callable[[int], None]) -> None:
+    def _write(self, key: str, data: Union[bytes, Callable[[int], None]]) -> None:
         path = os.path.join(self.root, key)
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            write(fd)
-            os.fchmod(fd, 0o644)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.rename(tmp, path)
+        atomic_write(path, data, mode=0o644)
 
     def put_file(self, key: str, path: str) -> None:
         def write(fd: int) -> None:
-            with open(path, "rb") as src:
-                while True:
-                    data = src.read(CHUNK)
-                    if not data:
-                        break
-                    os.write(fd, data)
+            with open(path, "rb") as src, open(fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
 
         self._write(key, write)
 
     def put(self, key: str, data: bytes) -> None:
-        self._write(key, lambda fd: _write_all(fd, data))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        self._write(key, data)
 
 
 class _S3Dest(_Dest):

@@ -53,7 +53,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from hsmfs.errors import DataError
 
@@ -270,10 +270,11 @@ def resident_bytes(st: os.stat_result) -> int:
     return min(st.st_blocks * 512, st.st_size)
 
 
-def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: Union[bytes, Callable[[int], None]], *, mode: int = 0o600) -> None:
     """Replace path with data, durably: temp file, fsync, rename, fsync of the directory.
 
-    A crash leaves either the old file or the new one, never a torn or empty one.
+    data: the bytes, or a function that writes them to the fd it is given. A crash leaves either
+    the old file or the new one, never a torn or empty one.
     """
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -283,9 +284,12 @@ def atomic_write(path: str, data: bytes, *, mode: int = 0o600) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)  # exactly mode, whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        if callable(data):
+            data(fd)
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
