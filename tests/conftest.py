@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+from helpers import MKFS, LoopImage
 
 from hsmfs.places import journal_path, log_path, record_path
 from hsmfs.views import is_mountpoint
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
-MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 IMAGE_SIZE = 4 << 30  # sparse: what the whole session leaves behind on one filesystem (about 1 GiB on ext4 by now)
 
 
@@ -73,32 +73,18 @@ def check_logs(request: pytest.FixtureRequest, views: list[View]) -> None:
                     pytrace=False)
 
 
-class LoopFS:
+class LoopFS(LoopImage):
     """One loop-mounted filesystem image for the whole test session."""
 
     def __init__(self, fstype: str, base: str) -> None:
-        self.fstype = fstype
         self.base = base
-        self.image = os.path.join(base, f"{fstype}.img")
-        self.mnt = os.path.join(base, fstype)
         mkfs = MKFS[fstype]
         if shutil.which(mkfs[0]) is None:
             pytest.fail(f"{mkfs[0]} is missing: install {'xfsprogs' if fstype == 'xfs' else 'btrfs-progs'}")
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        subprocess.run([*mkfs, self.image], check=True, capture_output=True)
-        os.mkdir(self.mnt)
-        subprocess.run(["mount", "-o", "loop", self.image, self.mnt], check=True)
+        super().__init__(os.path.join(base, f"{fstype}.img"), os.path.join(base, fstype), fstype, IMAGE_SIZE)
 
     def fresh_dir(self, prefix: str = "t") -> str:
         return tempfile.mkdtemp(prefix=prefix + "-", dir=self.mnt)
-
-    def close(self) -> None:
-        if is_mountpoint(self.mnt):
-            r = subprocess.run(["umount", self.mnt], capture_output=True)
-            if r.returncode != 0:
-                subprocess.run(["umount", "-l", self.mnt], check=False)
-        os.unlink(self.image)
 
 
 @pytest.fixture(scope="session")

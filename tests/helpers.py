@@ -1,5 +1,7 @@
 """Small things many tests do: wait for a condition, read a file in a process of its own, make a
-source tree of random files. Fixtures live in conftest.py; this module has plain functions."""
+source tree of random files, run a function as another user, make a loop-mounted filesystem.
+Fixtures live in conftest.py; this module has plain functions and classes, and imports nothing of
+hsmfs: the benchmarks in contrib/bench use it too."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
+MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 PR_SET_SECUREBITS = 28
 SECBIT_NO_SETUID_FIXUP = 1 << 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -95,3 +98,64 @@ class AsUser:
         reply = json.loads(data) if data else {"error": f"the child died: wait status {status:#x}"}
         assert "error" not in reply, reply["error"]
         return reply["result"]
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].encode().decode("unicode_escape") == path for line in f)
+
+
+class LoopImage:
+    """A sparse image file of size bytes, formatted with fstype (mkfs: other mkfs commands) and
+    mounted at mnt through a loop device of its own. close() unmounts it (lazily if it stays busy),
+    detaches the device and deletes the image.
+
+    direct_io: the loop device reads and writes the image with O_DIRECT, so the host's page cache
+    holds no second copy that dropping caches would have to empty (the benchmarks); self.direct_io
+    says whether the host allowed it."""
+
+    def __init__(self, image: str, mnt: str, fstype: str, size: int, *, direct_io: bool = False,
+                 mkfs: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        self.image, self.mnt, self.fstype = image, os.path.abspath(mnt), fstype
+        self.dev: Optional[str] = None
+        with open(image, "wb") as f:
+            f.truncate(size)
+        try:
+            self.direct_io = direct_io and self._attach(["--direct-io=on"])
+            if self.dev is None:
+                self._attach([])
+            assert self.dev is not None
+            subprocess.run([*(mkfs or MKFS)[fstype], self.dev], check=True, capture_output=True)
+            os.makedirs(self.mnt, exist_ok=True)
+            subprocess.run(["mount", self.dev, self.mnt], check=True, capture_output=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, options: list[str]) -> bool:
+        r = subprocess.run(["losetup", "--find", "--show", *options, self.image], capture_output=True, text=True)
+        if r.returncode != 0:
+            if options:
+                return False
+            raise RuntimeError(f"losetup {self.image} failed: {r.stderr.strip()}")
+        self.dev = r.stdout.strip()
+        if not options:
+            return True
+        try:  # losetup may fall back to buffered I/O silently: ask the kernel
+            with open(f"/sys/block/{os.path.basename(self.dev)}/loop/dio") as f:
+                return f.read().strip() == "1"
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if _mounted(self.mnt) and subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
+            time.sleep(1)
+            if subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+        if self.dev is not None:
+            subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+            self.dev = None
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 from conftest import LoopFS, View, hsmfs
+from helpers import LoopImage
 
 from hsmfs import state, tree
 from hsmfs.views import is_mountpoint
@@ -293,26 +294,17 @@ def _dev_mounts(rdev: int) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-class SmallFS:
+class SmallFS(LoopImage):
     """A small loop filesystem of one type, for a store that fills up; close() leaves nothing behind."""
 
     def __init__(self, fstype: str) -> None:
-        self.fstype = fstype
         self.base = tempfile.mkdtemp(prefix="hsmfs-small-", dir="/var/tmp")
-        self.image = os.path.join(self.base, f"{fstype}.img")
-        self.mnt = os.path.join(self.base, "mnt")
-        self.dev: Optional[str] = None
         size, mkfs = SMALL_FS[fstype]
         try:
-            with open(self.image, "wb") as f:
-                f.truncate(size)
-            self.dev = subprocess.run(["losetup", "--find", "--show", self.image], check=True, capture_output=True,
-                                      text=True).stdout.strip()
-            subprocess.run([*mkfs, self.dev], check=True, capture_output=True)
-            os.mkdir(self.mnt)
-            subprocess.run(["mount", self.dev, self.mnt], check=True, capture_output=True)
+            super().__init__(os.path.join(self.base, f"{fstype}.img"), os.path.join(self.base, "mnt"), fstype, size,
+                             mkfs={fstype: mkfs})
         except BaseException:
-            self.close()
+            shutil.rmtree(self.base, ignore_errors=True)
             raise
 
     def free(self) -> int:
@@ -339,16 +331,12 @@ class SmallFS:
 
     def close(self) -> None:
         if self.dev is not None:
-            rdev = os.stat(self.dev).st_rdev
             # views of a store here are clones of this filesystem's mount: they go first (only a
             # broken test leaves one; the view fixture closes them before this runs)
-            for mp in _dev_mounts(rdev):
+            for mp in _dev_mounts(os.stat(self.dev).st_rdev):
                 if mp != self.mnt:
                     subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
-            if is_mountpoint(self.mnt) and subprocess.run(["umount", self.mnt], capture_output=True).returncode:
-                subprocess.run(["umount", "-l", self.mnt], check=False)
-            subprocess.run(["losetup", "-d", self.dev], check=False, capture_output=True)
-            self.dev = None
+        super().close()
         shutil.rmtree(self.base, ignore_errors=True)
 
 

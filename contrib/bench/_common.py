@@ -22,7 +22,9 @@ IMAGE_SIZE = 4 << 30
 _PLACES = runpy.run_path(os.path.join(REPO, "hsmfs", "places.py"))
 RUN_DIR: str = _PLACES["RUN_DIR"]
 LOG_DIR: str = _PLACES["LOG_DIR"]
-MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
+# tests/helpers.py, read as a file (it imports nothing of hsmfs): loop images, mkfs commands
+_HELPERS = runpy.run_path(os.path.join(REPO, "tests", "helpers.py"))
+MKFS: dict[str, list[str]] = _HELPERS["MKFS"]
 HSMFS = [sys.executable, "-m", "hsmfs"]
 HSMFS_PATH = REPO  # where subprocesses import hsmfs from
 
@@ -129,47 +131,15 @@ def summary(xs: list[float]) -> dict[str, Any]:
             "spread_pct": 100.0 * (max(xs) - min(xs)) / statistics.median(xs) if statistics.median(xs) else 0.0}
 
 
-class LoopFS:
-    """A sparse image on a loop device (direct I/O when the host allows it), formatted and mounted."""
+class LoopFS(_HELPERS["LoopImage"]):  # type: ignore[misc]
+    """A sparse image on a loop device of its own (direct I/O when the host allows it), formatted and
+    mounted at BASE/LABEL (tests/helpers.py's LoopImage)."""
 
     def __init__(self, base: str, label: str, fstype: str, size: int = IMAGE_SIZE,
                  mkfs: Optional[dict[str, list[str]]] = None) -> None:
         self.label = label
-        self.fstype = fstype
-        self.image = os.path.join(base, f"{label}.img")
-        self.mnt = os.path.join(base, label)
-        self.dev: Optional[str] = None
-        self.direct_io = True
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        r = run(["losetup", "--find", "--show", "--direct-io=on", self.image], check=False)
-        if r.returncode != 0:
-            self.direct_io = False
-            r = run(["losetup", "--find", "--show", self.image])
-        self.dev = r.stdout.strip()
-        if self.direct_io:  # losetup may fall back silently: ask the kernel
-            try:
-                with open(f"/sys/block/{os.path.basename(self.dev)}/loop/dio") as f:
-                    self.direct_io = f.read().strip() == "1"
-            except OSError:
-                pass
-        run([*(mkfs or MKFS)[fstype], self.dev])
-        os.mkdir(self.mnt)
-        run(["mount", self.dev, self.mnt])
+        super().__init__(os.path.join(base, f"{label}.img"), os.path.join(base, label), fstype, size,
+                         direct_io=True, mkfs=mkfs)
 
     def trim(self) -> None:
         run(["fstrim", self.mnt], check=False)
-
-    def close(self) -> None:
-        if is_mount_point(self.mnt) and run(["umount", self.mnt], check=False).returncode != 0:
-            time.sleep(1)
-            if run(["umount", self.mnt], check=False).returncode != 0:
-                log(f"WARNING: {self.mnt} is busy; detaching lazily")
-                run(["umount", "-l", self.mnt], check=False)
-        if self.dev:
-            run(["losetup", "-d", self.dev], check=False)
-            self.dev = None
-        try:
-            os.unlink(self.image)
-        except FileNotFoundError:
-            pass
