@@ -25,6 +25,7 @@ LOG_DIR: str = _PLACES["LOG_DIR"]
 # tests/helpers.py, read as a file (it imports nothing of hsmfs): loop images, mkfs commands
 _HELPERS = runpy.run_path(os.path.join(REPO, "tests", "helpers.py"))
 MKFS: dict[str, list[str]] = _HELPERS["MKFS"]
+_LoopImage: Any = _HELPERS["LoopImage"]
 HSMFS = [sys.executable, "-m", "hsmfs"]
 HSMFS_PATH = REPO  # where subprocesses import hsmfs from
 
@@ -131,7 +132,7 @@ def summary(xs: list[float]) -> dict[str, Any]:
             "spread_pct": 100.0 * (max(xs) - min(xs)) / statistics.median(xs) if statistics.median(xs) else 0.0}
 
 
-class LoopFS(_HELPERS["LoopImage"]):  # type: ignore[misc]
+class LoopFS(_LoopImage):  # type: ignore[misc]
     """A sparse image on a loop device of its own (direct I/O when the host allows it), formatted and
     mounted at BASE/LABEL (tests/helpers.py's LoopImage)."""
 
