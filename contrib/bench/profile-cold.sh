@@ -40,7 +40,9 @@ PY
 sync; echo 3 > /proc/sys/vm/drop_caches
 echo "source cold read: $(read_all "$B/list.txt") s"
 PYTHONPATH=$WT python3 -m hsmfs mount --name "prof$$" ${CONF:+--config "$CONF"} --store "$B/store/s" "$B/src/tree" "$B/view" || exit 1
-FP=$(pgrep -f "hsmfs.filler.*prof$$" | head -1)
+SUP=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pid'])" "/run/hsmfs/prof$$.json")
+FP=$(pgrep -P "$SUP" | head -1)  # the filler: the supervisor's child
+[ -n "$FP" ] || { echo "no filler found under supervisor $SUP" >&2; exit 1; }
 sed "s#$B/src/tree#$B/view#" "$B/list.txt" > "$B/vlist.txt"
 sync; echo 3 > /proc/sys/vm/drop_caches
 case $MODE in
