@@ -22,6 +22,14 @@ SECBIT_NO_SETUID_FIXUP = 1 << 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def unlink_quietly(path: str) -> None:
+    """Remove path if it is there (a log a test's mount leaves behind, say)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def wait_for(pred: Callable[[], bool], what: str, *, timeout: float = 30, step: float = 0.05) -> None:
     """Poll pred until it holds; fail the test naming what was awaited after timeout seconds."""
     deadline = time.monotonic() + timeout

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import LoopFS, hsmfs
+from helpers import unlink_quietly
 
-from hsmfs.places import record_path
+from hsmfs.places import log_path, record_path
 from hsmfs.views import is_mountpoint
 
 
@@ -174,4 +175,5 @@ def test_happy_path_for_contrast(setup: tuple[str, str, str]) -> None:
                               timeout=30).stdout == b"data"
     finally:
         hsmfs("umount", target)
+        unlink_quietly(log_path("e-ok"))
     assert not is_mountpoint(target)

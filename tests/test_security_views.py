@@ -19,9 +19,10 @@ import time
 from typing import Callable
 
 from conftest import LoopFS, View, hsmfs
+from helpers import unlink_quietly
 from test_security import NOBODY, as_nobody
 
-from hsmfs.places import record_path
+from hsmfs.places import log_path, record_path
 from hsmfs.views import is_mountpoint
 
 
@@ -143,7 +144,10 @@ def test_target_swapped_for_a_symlink_before_attach(loopfs: LoopFS, views: Calla
                     return
 
     children(swap_when_the_supervisor_starts)
-    rc, err, landed = _mount(loopfs, name, src, target)
+    try:
+        rc, err, landed = _mount(loopfs, name, src, target)
+    finally:
+        unlink_quietly(log_path(name))
     assert cron not in landed, f"the view covered root's {cron}"
     assert os.path.islink(parent), "the swap did not happen: the test did not test"
     assert rc == 73 and "is no longer the directory hsmfs mount checked" in err, (rc, err)
@@ -176,6 +180,7 @@ def test_umount_not_redirected_through_a_symlink(loopfs: LoopFS, views: Callable
     finally:
         if os.path.exists(record_path(name)):
             _remove(name)
+        unlink_quietly(log_path(name))
         while is_mountpoint(hidden):
             subprocess.run(["umount", hidden], check=True)
 

@@ -15,6 +15,7 @@ cleanup() {
   [ -n "$SP" ] && kill -INT "$SP" 2>/dev/null && wait "$SP"
   PYTHONPATH=$WT python3 -m hsmfs umount "$B/view" >/dev/null 2>&1
   umount "$B/src" "$B/store" 2>/dev/null
+  rm -f "/var/log/hsmfs/prof$$.log"
   rm -rf "$B"
 }
 trap cleanup EXIT
