@@ -108,9 +108,14 @@ class AsUser:
         return reply["result"]
 
 
-def _mounted(path: str) -> bool:
+def mount_points() -> list[str]:
+    """Every mount point of this namespace, from mountinfo (os.path.ismount misses same-fs bind mounts)."""
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].encode().decode("unicode_escape") == path for line in f)
+        return [line.split()[4].encode().decode("unicode_escape") for line in f]
+
+
+def is_mount_point(path: str) -> bool:
+    return os.path.abspath(path) in mount_points()
 
 
 class LoopImage:
@@ -156,7 +161,7 @@ class LoopImage:
             return False
 
     def close(self) -> None:
-        if _mounted(self.mnt) and subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
+        if is_mount_point(self.mnt) and subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
             time.sleep(1)
             if subprocess.run(["umount", self.mnt], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", self.mnt], capture_output=True)

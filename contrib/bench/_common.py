@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -63,14 +63,8 @@ def drop_caches(passes: int = 1) -> None:
             f.write("3\n")
 
 
-def mount_points() -> list[str]:
-    """Every mount point of this namespace, from mountinfo (os.path.ismount misses same-fs bind mounts)."""
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4].encode().decode("unicode_escape") for line in f]
-
-
-def is_mount_point(path: str) -> bool:
-    return os.path.abspath(path) in mount_points()
+mount_points: Callable[[], list[str]] = _HELPERS["mount_points"]
+is_mount_point: Callable[[str], bool] = _HELPERS["is_mount_point"]
 
 
 def leftover_mounts(base: str) -> list[str]:
