@@ -90,6 +90,12 @@ def _check_workers(value: object) -> int:
     raise _Invalid(f"expected an integer from 1 to {MAX_WORKERS}")
 
 
+def _check_fills_per_user(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WORKERS:
+        return value
+    raise _Invalid(f"expected an integer from 0 (one less than workers) to {MAX_WORKERS}")
+
+
 def _seconds(value: object) -> Optional[float]:
     """value as float seconds if it is a finite TOML integer or float, else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -202,6 +208,7 @@ def _check_watermark(value: object) -> float:
 
 _CHECKS: dict[str, Callable[[object], Any]] = {
     "workers": _check_workers,
+    "fills_per_user": _check_fills_per_user,
     "commit_interval": _check_commit_interval,
     "source_error": _check_source_error,
     "log_level": _check_log_level,
@@ -233,6 +240,7 @@ class Policy:
     """
 
     workers: int = 4
+    fills_per_user: int = 0
     commit_interval: float = 0.5
     source_error: str = "EIO"
     log_level: str = "info"
@@ -263,6 +271,11 @@ class Policy:
             object.__setattr__(self, f.name, checked)  # 1 -> 1.0 for float fields
         if self.low_watermark >= self.high_watermark:
             raise ConfigError(f"low_watermark: {LOW_BELOW_HIGH} ({self.high_watermark:g}), got {self.low_watermark:g}")
+
+    @property
+    def user_fills(self) -> int:
+        """How many fill workers one user's reads may hold at once (fills_per_user; 0: workers - 1)."""
+        return max(1, min(self.workers, self.fills_per_user or self.workers - 1))
 
     @property
     def source_errno(self) -> int:

@@ -38,6 +38,20 @@ def start_time(pid: int) -> Optional[int]:
         return None
 
 
+def real_uid(pid: int) -> Optional[int]:
+    """The real uid of process (or thread) pid, as this process's user namespace sees it; None if it
+    is gone. The real uid, not the effective one: a setuid program a user runs counts as theirs.
+    (/proc/PID's owner will not do: it is root for any process that changed its ids.)"""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def wait_exit(pid: int, started: Optional[int], timeout: float) -> bool:
     """Wait up to timeout seconds for the process (pid, started) to end; whether it has. Sleeps on
     a pidfd, which becomes readable when its process exits."""

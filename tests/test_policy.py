@@ -23,9 +23,11 @@ else:
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "config.md"
 EXAMPLE = ROOT / "contrib" / "hsmfs.toml"
+PER_USER = "expected an integer from 0 (one less than workers) to 256"
 KNOWN = ("(known: allow_devices, allow_suid, commit_interval, fetch_connections, fetch_part_size, fetch_retries, "
-         "fetch_timeout, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, fill_timeout, high_watermark, log_level, "
-         "low_watermark, max_resident_bytes, netns, refresh_interval, route_watch, source_error, workers)")
+         "fetch_timeout, fill_ahead, fill_ahead_bytes, fill_ahead_max_size, fill_timeout, fills_per_user, "
+         "high_watermark, log_level, low_watermark, max_resident_bytes, netns, refresh_interval, route_watch, "
+         "source_error, workers)")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -50,6 +52,13 @@ def test_none_means_defaults() -> None:
     assert (policy.workers, policy.commit_interval, policy.source_error) == (4, 0.5, "EIO")
     assert (policy.log_level, policy.fill_timeout) == ("info", 60.0)
     assert policy.source_errno == errno.EIO
+
+
+@pytest.mark.parametrize(("workers", "per_user", "expected"),
+                         [(4, 0, 3), (1, 0, 1), (2, 0, 1), (16, 0, 15), (4, 2, 2), (4, 9, 4), (1, 5, 1)])
+def test_user_fills(workers: int, per_user: int, expected: int) -> None:
+    """fills_per_user = 0 leaves one worker for everyone else; never less than 1, never more than workers."""
+    assert Policy(workers=workers, fills_per_user=per_user).user_fills == expected
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
@@ -83,6 +92,8 @@ def test_quoted_keys(tmp_path: Path) -> None:
     [
         ("workers = 1", "workers", 1),
         ("workers = 256", "workers", 256),
+        ("fills_per_user = 0", "fills_per_user", 0),
+        ("fills_per_user = 3", "fills_per_user", 3),
         ("commit_interval = 60", "commit_interval", 60.0),
         ("commit_interval = 0.001", "commit_interval", 0.001),
         ("fill_timeout = 0.5", "fill_timeout", 0.5),
@@ -149,6 +160,9 @@ MARK = "expected a fraction of max_resident_bytes greater than 0 and at most 1"
         ("workers = 4.0", f"workers: {WORKERS}, got 4.0"),
         ("workers = true", f"workers: {WORKERS}, got true"),  # bool is not an int
         ("workers = [4]", f"workers: {WORKERS}, got an array"),
+        ("fills_per_user = -1", f"fills_per_user: {PER_USER}, got -1"),
+        ("fills_per_user = 257", f"fills_per_user: {PER_USER}, got 257"),
+        ("fills_per_user = true", f"fills_per_user: {PER_USER}, got true"),
         ("commit_interval = 0", f"commit_interval: {INTERVAL}, got 0"),
         ("commit_interval = -0.5", f"commit_interval: {INTERVAL}, got -0.5"),
         ("commit_interval = 60.5", f"commit_interval: {INTERVAL}, got 60.5"),

@@ -9,7 +9,8 @@ the view as an unprivileged user, on ext4, xfs and btrfs:
 - 3b: a victim's 0600 file renamed over an attacker's 0644 file (same size and mtime) is not served
   through the attacker's stub;
 - 4: FIFOs put in the place of source files fail their reads at once, four at a time, while other
-  reads are served, and ``hsmfs umount`` still works;
+  reads are served, and ``hsmfs umount`` still works; a user whose reads wait on four slow fills
+  holds three of the four workers, and another user's read is served meanwhile;
 - 5: a sparse 8 GiB source file costs the store its data only; a fill larger than the whole store
   is refused with ENOSPC before anything is evicted for it;
 - lease: a write lease its owner holds on a source file fails the read at once instead of stalling
@@ -40,9 +41,10 @@ import pytest
 from conftest import LoopFS, View, hsmfs
 from helpers import AsUser, wait_for
 from test_budget import SMALL_FS, SmallFS
+from test_remote import Origin, origin  # noqa: F401 (origin: the fixture)
 from test_security import NOBODY
 
-from hsmfs import state, tree
+from hsmfs import manifest, state, tree
 from hsmfs.filler.core import INLINE_MAX
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -228,6 +230,44 @@ def test_fifos_do_not_wedge_fills(loopfs: LoopFS, views: Callable[..., View]) ->
         print(f"\n{loopfs.fstype}: {report}; later: {show(later)}; umount {took:.1f} s")
     finally:
         unwedge(paths)
+
+
+def test_one_user_cannot_hold_every_fill_worker(origin: Origin, loopfs: LoopFS,  # noqa: F811
+                                                views: Callable[..., View]) -> None:
+    """A user opens four files whose fills take long (here an origin that answers them after 4 s;
+    as well a huge file, or a source that hangs): with 4 workers, 3 of their fills run and the fourth
+    waits in their own line, so another user's read gets its bytes at once. (Before, the four took
+    every worker, and everyone else's reads waited behind them.)"""
+    src = loopfs.fresh_dir("fair")
+    os.chmod(src, 0o755)
+    rnd = random.Random(11)
+    slow = [f"slow{i}" for i in range(4)]
+    data = {rel: rnd.randbytes(100 * KiB + i) for i, rel in enumerate([*slow, "quick"])}
+    for rel, b in data.items():
+        write_file(os.path.join(src, rel), b, OWNER)
+    url = origin.publish(src, f"fair-{loopfs.fstype}")
+    obj = {rel: f"/fair-{loopfs.fstype}/" + manifest.object_key(sha(b)) for rel, b in data.items()}
+    origin.set_faults({obj[rel]: {"delay": 4} for rel in slow})
+    try:
+        v = views(url, "--config", origin.policy(loopfs.base, workers=4, fill_timeout=30))
+
+        def fetched() -> int:
+            counts = origin.counts()
+            return sum(counts.get(obj[rel], 0) for rel in slow)
+
+        readers = [AsUser(READER, timed_read, v.path(rel)) for rel in slow]
+        wait_for(lambda: fetched() >= 3, "three of the slow files asked of the origin", timeout=20)
+        quick = as_user(NOBODY, timed_read, v.path("quick"))
+        held = fetched()
+        got = [r.result() for r in readers]
+        report = f"quick: {show(quick)}; slow: " + ", ".join(show(g) for g in got)
+        assert quick.get("sha") == sha(data["quick"]) and quick["secs"] < 2, report
+        assert held == 3, f"{held} slow files were being fetched at once, expected 3 (workers - 1); {report}"
+        assert [g.get("sha") for g in got] == [sha(data[rel]) for rel in slow], report
+        assert v.status()["filler"]["user_waits"] >= 1
+        print(f"\n{loopfs.fstype}: {report}")
+    finally:
+        origin.set_faults({})
 
 
 def unwedge(fifos: list[str]) -> None:

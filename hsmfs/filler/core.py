@@ -48,6 +48,7 @@ from hsmfs.linux import fanotify as fan
 from hsmfs.linux.fs import open_beneath, syncfs
 from hsmfs.linux.handles import open_handle
 from hsmfs.policy import Policy
+from hsmfs.process import real_uid
 from hsmfs.sources import IntegrityError, Source, SourceError
 from hsmfs.state import FileState, Key, StateLog
 
@@ -78,6 +79,7 @@ class Stats:
     evicted_bytes: int = 0
     enospc: int = 0  # fills that found the store full (and made room, or answered ENOSPC)
     hash_failures: int = 0  # fetched files whose bytes did not hash to the manifest's sha256
+    user_waits: int = 0  # demand fills that waited because their user held policy.user_fills workers
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def as_dict(self) -> dict[str, object]:
@@ -115,6 +117,7 @@ class Job:
     fd: int = -1  # the worker's O_RDWR fd through the private root
     reserved: int = 0  # bytes fill-ahead counted in flight for it
     st: Optional[os.stat_result] = None  # the inode's stat when the job began (saves an fstat)
+    uid: Optional[int] = None  # the user whose read started it, while it counts against their workers
 
 
 @dataclass(eq=False)
@@ -161,6 +164,11 @@ class Filler:
         self._work: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._demand_queued = 0  # demand fills waiting for a worker (approximate: read without a lock)
+        # One user's demand fills hold at most policy.user_fills workers; the rest wait in line here,
+        # so that a user who opens many slow files at once leaves a worker for everyone else.
+        self._user_cap = policy.user_fills
+        self._user_running: dict[int, int] = {}
+        self._user_waiting: dict[int, deque[Job]] = {}
         self._quick = bool(getattr(source, "quick", False))
         self.room_left = 0  # bytes fills may still write before the store's free space is asked again
         self.room_until = 0.0
@@ -399,8 +407,9 @@ class Filler:
             inline = self._inline(todo)
             for job in todo:
                 if job is not inline:
-                    self._submit(DEMAND, lambda j=job: self._fill_job(j))  # type: ignore[misc]
+                    self._submit_demand(job)
             if inline is not None:
+                inline.uid = None  # filled here, not by a worker: it takes none of its user's
                 self._fill_job(inline)
 
     def _inline(self, todo: list[Job]) -> Optional[Job]:
@@ -453,12 +462,14 @@ class Filler:
             self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
             return
         assert rec is not None
+        uid = real_uid(ev.pid)
         with self._lock:
             job = self._inflight.get(ino)  # an ahead fill may have taken it meanwhile
             if job is not None:
                 self._join(job, ev.fd, now)
                 return
-            job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec, st=st)
+            job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec, st=st,
+                      uid=uid)
             self._inflight[ino] = job
         journal.append((ev.fd, key))  # written before the job is submitted: nothing can answer it sooner
         todo.append(job)
@@ -509,6 +520,34 @@ class Filler:
                 os.close(w.fd)
 
     # -- filling ---------------------------------------------------------------------------------
+    def _submit_demand(self, job: Job) -> None:
+        """Queue a demand fill for a worker, or, if its user already holds user_fills workers, put it
+        in that user's line: it is queued when one of their fills ends (Filler._user_done). Its
+        readers still get the policy's error after fill_timeout, as anywhere else."""
+        uid = job.uid
+        if uid is not None:
+            with self._lock:
+                running = self._user_running.get(uid, 0)
+                if running >= self._user_cap:
+                    self._user_waiting.setdefault(uid, deque()).append(job)
+                    self.stats.user_waits += 1
+                    return
+                self._user_running[uid] = running + 1
+        self._submit(DEMAND, lambda: self._fill_job(job))
+
+    def _user_done(self, uid: int) -> Optional[Job]:
+        """Under the lock: a fill of uid's ended; the next job in uid's line takes its worker."""
+        waiting = self._user_waiting.get(uid)
+        if waiting:
+            job = waiting.popleft()
+            if not waiting:
+                del self._user_waiting[uid]
+            return job
+        running = self._user_running.pop(uid, 1) - 1
+        if running:
+            self._user_running[uid] = running
+        return None
+
     def _submit(self, priority: int, work: Callable[[], None]) -> None:
         if priority == DEMAND:
             self._demand_queued += 1
@@ -573,9 +612,12 @@ class Filler:
             log.exception("bug while filling %s", self._describe(job))
             response = fan.deny_errno(self.policy.source_errno)
             failed = True
+        following = None
         with self._lock:
             self.stats.fill_errors += failed
             del self._inflight[job.ino]
+            if job.uid is not None:
+                following = self._user_done(job.uid)
             waiters = job.waiters
             job.waiters = []
             if done is not None:
@@ -596,6 +638,8 @@ class Filler:
             os.close(job.fd)
             job.fd = -1
         self._answer(waiters, response)
+        if following is not None:
+            self._submit(DEMAND, lambda: self._fill_job(following))
         if job.kind in ("demand", "replay") and job.rec is not None:
             self.ahead.touched(job.rec.path_id)
         elif job.kind == "ahead":
