@@ -116,6 +116,11 @@ def loopfs(request: pytest.FixtureRequest, loopfs_all: dict[str, LoopFS], loopfs
     return loopfs_all[fstype]
 
 
+# For a test whose subject no filesystem changes (a refusal before any store exists): it runs on
+# ext4 only, instead of being skipped on the other two.
+ext4_only = pytest.mark.parametrize("loopfs", ["ext4"], indirect=True)
+
+
 def hsmfs(*args: str, check: bool = True, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run the hsmfs CLI as users do, in a child process."""
     r = subprocess.run([sys.executable, "-m", "hsmfs", *args], capture_output=True, text=True,

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-from conftest import LoopFS, View, hsmfs
+from conftest import LoopFS, View, ext4_only, hsmfs
 
 from hsmfs import manifest as mf
 
@@ -224,10 +224,9 @@ def test_fetch_failures(origin: Origin, loopfs: LoopFS, make_view: Callable[...,
         origin.set_faults({})
 
 
+@ext4_only
 @pytest.mark.parametrize("bad", ["dotdot", "absolute", "escaping symlink", "not json", "wrong format"])
 def test_invalid_manifest_changes_nothing(origin: Origin, loopfs: LoopFS, bad: str) -> None:
-    if loopfs.fstype != "ext4":
-        pytest.skip("the manifest is refused before any store exists: one filesystem is enough")
     good = mf.Manifest([mf.Entry("", "dir", 0o755), mf.Entry("a", "file", size=1, sha256="0" * 64)])
     d = json.loads(good.dumps())
     d.pop("id")
@@ -256,9 +255,8 @@ def test_invalid_manifest_changes_nothing(origin: Origin, loopfs: LoopFS, bad: s
         os.rmdir(target)
 
 
+@ext4_only
 def test_unreachable_origin_at_mount(origin: Origin, loopfs: LoopFS, make_view: Callable[..., View]) -> None:
-    if loopfs.fstype != "ext4":
-        pytest.skip("refused before any store exists: one filesystem is enough")
     # a manifest whose first GET is cut short is fetched again, whole
     src = make_tree(loopfs.mnt, seed=2)
     url = origin.publish(src, "mclose")
@@ -426,11 +424,10 @@ def test_round_trip_time_through_the_delay_line(origin: Origin, loopfs: LoopFS,
     assert st["origin"]["netns"] == origin.lab.cli  # netns = NAME: /run/netns/NAME
 
 
+@ext4_only
 def test_tls_is_verified(origin: Origin, loopfs: LoopFS) -> None:
     """An HTTPS origin whose certificate no trusted authority signed is refused (exit 69), and the
     message says why."""
-    if loopfs.fstype != "ext4":
-        pytest.skip("refused before any store exists: one filesystem is enough")
     import subprocess
 
     pem = os.path.join(origin.base, "self-signed.pem")
