@@ -267,6 +267,8 @@ def status(
             if f.get("hash_failures"):
                 print(f"  HASH FAILURES {f['hash_failures']} (fetched bytes that were not the published ones: see "
                       f"{d['log']})")
+            if f.get("user_waits"):
+                print(f"  {f['user_waits']} fills waited for a worker because their user held fills_per_user of them")
             b = f.get("budget")
             if b:
                 print(f"  budget {_size(b['max_resident_bytes'])}: {_size(b['resident_bytes'])} resident, evicts past "

@@ -265,6 +265,7 @@ def test_one_user_cannot_hold_every_fill_worker(origin: Origin, loopfs: LoopFS, 
         assert held == 3, f"{held} slow files were being fetched at once, expected 3 (workers - 1); {report}"
         assert [g.get("sha") for g in got] == [sha(data[rel]) for rel in slow], report
         assert v.status()["filler"]["user_waits"] >= 1
+        assert "fills waited for a worker because their user held fills_per_user" in hsmfs("status", v.name).stdout
         print(f"\n{loopfs.fstype}: {report}")
     finally:
         origin.set_faults({})

@@ -117,7 +117,8 @@ class Job:
     fd: int = -1  # the worker's O_RDWR fd through the private root
     reserved: int = 0  # bytes fill-ahead counted in flight for it
     st: Optional[os.stat_result] = None  # the inode's stat when the job began (saves an fstat)
-    uid: Optional[int] = None  # the user whose read started it, while it counts against their workers
+    pid: int = 0  # the process whose read started it (0: none, a job hsmfs started itself)
+    uid: Optional[int] = None  # pid's real uid, looked up only when workers run short (-1: pid gone)
 
 
 @dataclass(eq=False)
@@ -167,7 +168,7 @@ class Filler:
         # One user's demand fills hold at most policy.user_fills workers; the rest wait in line here,
         # so that a user who opens many slow files at once leaves a worker for everyone else.
         self._user_cap = policy.user_fills
-        self._user_running: dict[int, int] = {}
+        self._demand_running: set[Job] = set()  # demand fills given to the workers, not done yet
         self._user_waiting: dict[int, deque[Job]] = {}
         self._quick = bool(getattr(source, "quick", False))
         self.room_left = 0  # bytes fills may still write before the store's free space is asked again
@@ -409,7 +410,6 @@ class Filler:
                 if job is not inline:
                     self._submit_demand(job)
             if inline is not None:
-                inline.uid = None  # filled here, not by a worker: it takes none of its user's
                 self._fill_job(inline)
 
     def _inline(self, todo: list[Job]) -> Optional[Job]:
@@ -462,14 +462,13 @@ class Filler:
             self._answer([Waiter(ev.fd, now)], fan.FAN_ALLOW)
             return
         assert rec is not None
-        uid = real_uid(ev.pid)
         with self._lock:
             job = self._inflight.get(ino)  # an ahead fill may have taken it meanwhile
             if job is not None:
                 self._join(job, ev.fd, now)
                 return
             job = Job(ino, "demand", key, [Waiter(ev.fd, now, journaled=self.journal is not None)], rec, st=st,
-                      uid=uid)
+                      pid=ev.pid)
             self._inflight[ino] = job
         journal.append((ev.fd, key))  # written before the job is submitted: nothing can answer it sooner
         todo.append(job)
@@ -522,31 +521,46 @@ class Filler:
     # -- filling ---------------------------------------------------------------------------------
     def _submit_demand(self, job: Job) -> None:
         """Queue a demand fill for a worker, or, if its user already holds user_fills workers, put it
-        in that user's line: it is queued when one of their fills ends (Filler._user_done). Its
-        readers still get the policy's error after fill_timeout, as anywhere else."""
-        uid = job.uid
-        if uid is not None:
-            with self._lock:
-                running = self._user_running.get(uid, 0)
-                if running >= self._user_cap:
+        in that user's line: it is queued when one of their fills ends (Filler._demand_done). Its
+        readers still get the policy's error after fill_timeout, as anywhere else.
+
+        Users are looked up (a read of /proc/PID/status, tens of microseconds) only once the workers
+        hold user_fills demand fills in all: below that no user can hold that many, and a single
+        reader walking a tree never pays for the lookup."""
+        with self._lock:
+            if job.pid > 0 and len(self._demand_running) >= self._user_cap:
+                uid = self._uid(job)
+                if self._holding(uid) >= self._user_cap:
                     self._user_waiting.setdefault(uid, deque()).append(job)
                     self.stats.user_waits += 1
                     return
-                self._user_running[uid] = running + 1
+            self._demand_running.add(job)
         self._submit(DEMAND, lambda: self._fill_job(job))
 
-    def _user_done(self, uid: int) -> Optional[Job]:
-        """Under the lock: a fill of uid's ended; the next job in uid's line takes its worker."""
-        waiting = self._user_waiting.get(uid)
-        if waiting:
-            job = waiting.popleft()
-            if not waiting:
-                del self._user_waiting[uid]
-            return job
-        running = self._user_running.pop(uid, 1) - 1
-        if running:
-            self._user_running[uid] = running
-        return None
+    def _uid(self, job: Job) -> int:
+        if job.uid is None:
+            uid = real_uid(job.pid) if job.pid > 0 else None
+            job.uid = -1 if uid is None else uid
+        return job.uid
+
+    def _holding(self, uid: int) -> int:
+        """Under the lock: how many workers uid's demand fills hold."""
+        return sum(1 for j in self._demand_running if j.pid > 0 and self._uid(j) == uid)
+
+    def _demand_done(self, job: Job) -> Optional[Job]:
+        """Under the lock: job's worker is free. The next job in the line of job's user, if any,
+        takes it (unless that user's other fills, looked up only now, hold user_fills workers: one
+        of those takes the line on when it ends)."""
+        self._demand_running.discard(job)
+        uid = job.uid
+        waiting = self._user_waiting.get(uid) if uid is not None else None
+        if uid is None or not waiting or self._holding(uid) >= self._user_cap:
+            return None
+        following = waiting.popleft()
+        if not waiting:
+            del self._user_waiting[uid]
+        self._demand_running.add(following)
+        return following
 
     def _submit(self, priority: int, work: Callable[[], None]) -> None:
         if priority == DEMAND:
@@ -616,8 +630,7 @@ class Filler:
         with self._lock:
             self.stats.fill_errors += failed
             del self._inflight[job.ino]
-            if job.uid is not None:
-                following = self._user_done(job.uid)
+            following = self._demand_done(job)
             waiters = job.waiters
             job.waiters = []
             if done is not None:
