@@ -41,6 +41,7 @@ from hsmfs.process import run_main
 READY_TIMEOUT = 120.0
 PATHS_HELP = "Files or directories (recursively) in a view or a store."
 EVICT_BATCH = 256  # handles per control request (its line is limited to 64 KiB)
+STATUS_WAIT = 2.0  # seconds hsmfs status waits for a filler socket that is not there (restarting, or gone)
 NOT_DONE = "not done: its filler restarted; run hsmfs evict again"
 # how hsmfs stat names a state where its one word (--json's) says too little
 STATE_WORDS = {"filled": "filled, commit pending"}
@@ -211,7 +212,8 @@ def status(
         d: dict[str, Any] = {"name": rt.name, "source": rt.source, "target": rt.target,
                              "namespace": rt.namespace, "store": rt.store, "pid": rt.pid, "log": rt.log}
         try:
-            reply = request(rt.name, {"op": "status"}, timeout=10)
+            # a short wait for a restarting filler's socket: one mount must not hold up the list
+            reply = request(rt.name, {"op": "status"}, timeout=10, wait=STATUS_WAIT)
             d["running"] = bool(reply.get("ok"))
             d["filler_pid"] = reply.get("filler_pid")
             d["restarts"] = reply.get("restarts")
