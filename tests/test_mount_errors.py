@@ -47,7 +47,7 @@ def _clear_error(stderr: str) -> str:
 
 def refused_as_nobody(code: int, *args: str) -> str:
     """Run the CLI as uid 65534 in a forked child (the interpreter under /root is not theirs to exec)."""
-    from hsmfs import cli
+    from hsmfs import cli, mounting  # noqa: F401 (mount imports it when it runs)
 
     # load every module the CLI will need now: uid 65534 cannot read the interpreter's tree under /root
     with contextlib.redirect_stdout(io.StringIO()):
