@@ -1062,7 +1062,7 @@ while True:
     syncfs(fd)
 """
 
-EVICT_ROUNDS = int(os.environ.get("HSMFS_CRASH_EVICT_ROUNDS", "5"))
+EVICT_ROUNDS = int(os.environ.get("HSMFS_CRASH_EVICT_ROUNDS", "3"))
 
 
 def evictions(c: Crash) -> int:
@@ -1110,7 +1110,7 @@ def test_cut_during_evictions(crash: Crash, source: Source) -> None:
     O_TRUNC+write+fsync (a dirty file is never evicted). The power goes a random 0.3-1.5 s after
     the first eviction. After the reboot (a, b, c) are checked, every file is refilled and
     committed, and the next round starts
-    on the same store (HSMFS_CRASH_EVICT_ROUNDS rounds, 5 by default): users' files of earlier
+    on the same store (HSMFS_CRASH_EVICT_ROUNDS rounds, 3 by default): users' files of earlier
     rounds must stay theirs through the later evictions and cuts.
     """
     c = crash

@@ -15,7 +15,7 @@ filler restarts are allowed (the promise: real bytes or an error), and counted.
 At the end every file is read again after a clean remount, and every file a user changed must be
 dirty in ``hsmfs stat``: a changed file is never resident, whatever the user set back.
 
-CI runs it for HSMFS_MODEL_SECONDS (default 60) per filesystem. The long mode for releases:
+CI runs it for HSMFS_MODEL_SECONDS (default 30) per filesystem. The long mode for releases:
 ``HSMFS_MODEL_SECONDS=900 HSMFS_MODEL_OUT=model.jsonl pytest tests/test_model.py``; the figures
 go to docs/reliability.md.
 """
@@ -44,7 +44,7 @@ from hsmfs import state
 from hsmfs.control import request
 from hsmfs.places import record_path
 
-SECONDS = float(os.environ.get("HSMFS_MODEL_SECONDS", "60"))
+SECONDS = float(os.environ.get("HSMFS_MODEL_SECONDS", "30"))
 OUT = os.environ.get("HSMFS_MODEL_OUT")
 SIZES = [0, 1, 4095, 4096, 4097, 9000, 65536, 70001, 300_000, (1 << 20) + 17]
 RETRYABLE = (errno.EAGAIN, errno.EIO)
