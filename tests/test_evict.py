@@ -163,10 +163,11 @@ def view(loopfs: LoopFS, make_view: Callable[..., View]) -> View:
 
 
 def no_fill_ahead(loopfs: LoopFS) -> str:
-    """A policy without fill-ahead: these tests say which files are resident, one by one."""
+    """A policy without fill-ahead: these tests say which files are resident, one by one. Commits
+    come every 0.1 s (0.5 by default): most of these tests wait for a fill's commit."""
     path = os.path.join(loopfs.base, "no-fill-ahead.toml")
     with open(path, "w") as f:
-        f.write("fill_ahead = false\n")
+        f.write("fill_ahead = false\ncommit_interval = 0.1\n")
     return path
 
 
